@@ -1,0 +1,36 @@
+# Two commands do everything: `make demo` and `make test` (each sets itself up first).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps test test-unit test-integration demo ui bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,demo]'
+	touch $(STAMP)
+
+setup: $(STAMP) system-deps
+
+# Debian packages for the demo corpus and the tests' generated speech (root or sudo needed once).
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m integration
+
+demo: setup
+	$(BIN)/python -m pipeline.demo
+
+clean:
+	rm -rf demo mlruns models reports/*.json

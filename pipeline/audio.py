@@ -1,0 +1,177 @@
+"""Decoding: any file libsndfile reads (wav, flac, ogg/opus, mp3) -> mono float32 at the model's rate.
+
+Policies (see docs/audio.md):
+- several channels are averaged to mono; any input rate is resampled to `audio.sample_rate`;
+- long files are streamed in blocks of `audio.block_s`, so memory stays bounded;
+- a file that cannot be decoded, is shorter than `audio.min_duration_s`, holds NaN/inf samples
+  or is silent throughout raises `AudioError` naming the file and the reason;
+- a truncated file (an interrupted download or copy) is decoded as far as libsndfile gives
+  samples: a short read ends the stream (wav, mp3; ogg vorbis/opus up to its last complete page),
+  and so does a decoding error once some samples have come (flac: up to one read of `_READ_FRAMES`
+  before the cut is lost); the length and silence checks then apply to what was decoded. It is an
+  `AudioError` only when nothing is usable: the header cannot be read, the first read fails, or no
+  samples decode (an ogg file cut inside its first audio page).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from pipeline.config import AudioConfig
+
+_READ_FRAMES = 1 << 14  # frames per libsndfile read; blocks are assembled from several reads
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".opus", ".mp3", ".oga", ".aiff", ".aif", ".au"})
+
+
+class AudioError(ValueError):
+    """A file that cannot be used as speech; str() is 'path: reason'."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class _BlockResampler:
+    """Resamples a stream block by block with exactly the output of resampling it whole.
+
+    Blocks are cut at multiples of the rate ratio's period; each is resampled with `context`
+    input samples of history and look-ahead, which are trimmed from the output.
+    """
+
+    def __init__(self, orig: int, new: int) -> None:
+        g = gcd(orig, new)
+        self.orig, self.new = orig, new
+        self.period_in, self.period_out = orig // g, new // g
+        # torchaudio's sinc kernel reaches `width` input samples either side (lowpass_filter_width=6,
+        # rolloff=0.99); history and look-ahead must cover it, in whole periods.
+        width = -(-6 * self.period_in // (0.99 * min(self.period_in, self.period_out)))
+        self.context = self.period_in * max(1, -(-max(256, int(width)) // self.period_in))
+
+    def __call__(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        if self.orig == self.new:
+            yield from blocks
+            return
+        pending = np.zeros(0, np.float32)   # input not yet resampled
+        history = np.zeros(0, np.float32)   # last `context` input samples already emitted
+        for block in blocks:
+            pending = np.concatenate([pending, block])
+            ready = (len(pending) - self.context) // self.period_in * self.period_in
+            if ready <= 0:
+                continue
+            yield self._resample(history, pending[:ready], pending[ready:ready + self.context])
+            history = np.concatenate([history, pending[:ready]])[-self.context:]
+            pending = pending[ready:]
+        if len(pending):
+            yield self._resample(history, pending, np.zeros(0, np.float32), tail=True)
+
+    def _resample(self, history: np.ndarray, body: np.ndarray, ahead: np.ndarray, tail: bool = False) -> np.ndarray:
+        x = torch.from_numpy(np.concatenate([history, body, ahead]))
+        y = AF.resample(x, self.orig, self.new).numpy()
+        start = len(history) * self.new // self.orig
+        if tail:
+            return y[start:]
+        return y[start:start + len(body) // self.period_in * self.period_out]
+
+
+def audio_info(path: str | Path) -> sf._SoundFileInfo:
+    """Header information, or AudioError when libsndfile cannot open the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        return sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioError(path, f"not a readable audio file ({_short(exc)})") from None
+
+
+def stream_audio(path: str | Path, cfg: AudioConfig) -> Iterator[np.ndarray]:
+    """Yield mono float32 blocks at cfg.sample_rate; raise AudioError for unusable input.
+
+    The minimum-duration and silence checks need the whole file, so they raise after the last
+    block: callers that act on blocks as they come must be ready to discard their work.
+    """
+    info = audio_info(path)
+    block = max(1, round(cfg.block_s * info.samplerate))
+    n_in, peak = 0, 0.0
+
+    def mono_blocks() -> Iterator[np.ndarray]:
+        # Not SoundFile.blocks(): it ignores short reads (a truncated mp3 would be padded to its
+        # header's length with stale buffer contents) and one failing read loses the whole block.
+        nonlocal n_in, peak
+        try:
+            f = sf.SoundFile(str(path))
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(path, f"not a readable audio file ({_short(exc)})") from None
+        with f:
+            parts: list[np.ndarray] = []
+            n_parts = 0
+            while True:
+                try:
+                    data = f.read(min(_READ_FRAMES, block), dtype="float32", always_2d=True)
+                except (sf.LibsndfileError, RuntimeError) as exc:
+                    if n_in + n_parts == 0:
+                        raise AudioError(path, f"decoding failed at the start ({_short(exc)})") from None
+                    break  # truncated or corrupt from here on: keep what decoded (module docstring)
+                if not len(data):
+                    break
+                mono = data.mean(axis=1, dtype=np.float32)
+                if not np.isfinite(mono).all():
+                    raise AudioError(path, f"NaN or infinite samples near {(n_in + n_parts) / info.samplerate:.2f} s")
+                peak = max(peak, float(np.abs(mono).max()))
+                parts.append(mono)
+                n_parts += len(mono)
+                if n_parts >= block:
+                    n_in += n_parts
+                    yield np.concatenate(parts)
+                    parts, n_parts = [], 0
+            if parts:
+                n_in += n_parts
+                yield np.concatenate(parts)
+
+    yield from _BlockResampler(info.samplerate, cfg.sample_rate)(mono_blocks())
+    duration = n_in / info.samplerate
+    if n_in == 0:
+        raise AudioError(path, "no samples decoded (empty or truncated stream)")
+    if duration < cfg.min_duration_s:
+        raise AudioError(path, f"too short: {duration:.4f} s (minimum {cfg.min_duration_s} s)")
+    if peak < cfg.silence_peak:
+        raise AudioError(path, f"silent: peak amplitude {peak:.2e} below {cfg.silence_peak:.0e}")
+
+
+def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
+    """The whole file as one mono float32 array at cfg.sample_rate (for clips, not hours)."""
+    blocks = list(stream_audio(path, cfg))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """Resample a whole array (float32)."""
+    if orig == new:
+        return x.astype(np.float32, copy=False)
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(x, np.float32)), orig, new).numpy()
+
+
+def find_audio(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of audio files; files are kept as given."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in AUDIO_SUFFIXES))
+        else:
+            found.append(p)
+    return found
+
+
+def _short(exc: Exception) -> str:
+    """First line of a library error, bounded, for one-line messages."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0].strip()[:160]

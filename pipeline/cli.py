@@ -1,0 +1,160 @@
+"""The `aivoice` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ParamsError, load_params
+
+log = logging.getLogger("aivoice")
+
+
+def _cmd_detect(args, params) -> int:
+    from pipeline.audio import find_audio
+    from pipeline.detect import detect_files, write_results
+    from pipeline.model import load_checkpoint
+    from pipeline.scoring import Scorer
+
+    model_ref = args.model or params.detect.model
+    model = load_checkpoint(model_ref, params.audio, params.features)
+    threshold = args.threshold if args.threshold is not None else model.meta.threshold
+    scorer = Scorer(model, params.audio, params.features, args.device)
+    paths = find_audio(args.paths)
+    if not paths:
+        log.error("no audio files found in %s", " ".join(map(str, args.paths)))
+        return 1
+    log.info("scoring %d file(s) with %s (threshold %.3f)", len(paths), model_ref, threshold)
+    results = write_results(detect_files(paths, scorer, params, threshold, model_name=str(model_ref)), args.format, sys.stdout)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        log.error("%s: %s", r.path, r.error)
+    return 1 if failed else 0
+
+
+def _cmd_bootstrap(args, params) -> int:
+    from pipeline.evaluate import GENERATOR_COLUMNS, format_table
+    from pipeline.train import bootstrap
+
+    report = bootstrap(args.corpus, params, args.out, args.report)
+    val = report["validation"]
+    print(f"checkpoint: {report['checkpoint']}  (data {report['data_hash']}, params {report['params_hash']})")
+    print(f"validation ({report['n_val']} clips, speaker-disjoint): EER {val['overall']['eer']:.3f}  "
+          f"AUC {val['overall']['auc']:.3f}  accuracy {val['overall']['accuracy']:.3f}  "
+          f"FPR {val['overall']['fpr']:.3f}  FNR {val['overall']['fnr']:.3f} at threshold {val['threshold']}")
+    print("per generator (its AI clips against all human clips):\n" + format_table(val["per_generator"], GENERATOR_COLUMNS))
+    print("per source:\n" + format_table(val["per_source"]))
+    print(f"report: {args.report or params.train.report}")
+    return 0
+
+
+def _cmd_import(args, params) -> int:
+    from pipeline.import_checkpoint import import_checkpoint
+    from pipeline.model import save_checkpoint
+
+    languages = args.languages.split(",") if args.languages else None
+    model, report = import_checkpoint(args.file, params, languages)
+    out = Path(args.out or f"models/imported-{Path(args.file).stem}.pt")
+    save_checkpoint(model, out)
+    print(report.describe())
+    print(f"imported {args.file} -> {out}")
+    return 0
+
+
+def _cmd_ingest(args, params) -> int:
+    from pipeline.audio import find_audio
+    from pipeline.stages.common import write_json
+    from pipeline.store import ClipInfo, from_corpus, ingest
+
+    cfg = params.ingest
+    if args.corpus:
+        items = from_corpus(args.corpus, args.split or "")
+    else:
+        if not args.label or not args.generator:
+            log.error("ingest needs --label and --generator (or --corpus DIR with a MANIFEST.csv)")
+            return 2
+        info = ClipInfo(label=args.label, generator=args.generator, speaker=args.speaker, language=args.language,
+                        source=args.source or "", split=args.split or "")
+        items = [(p, info) for p in find_audio(args.paths)]
+    report = ingest(items, Path(cfg.store), Path(cfg.quarantine), params.audio, cfg)
+    write_json(cfg.report, report.to_dict())
+    for row in report.added:
+        print(f"added      {row['original_name']} -> {cfg.store}/{row['path']} ({row['label']}, {row['generator']}, {row['split']})")
+    for line in report.duplicates:
+        print(f"unchanged  {line}")
+    for rej in report.rejected:
+        print(f"rejected   {rej['file']}: {rej['reason']} (copy in {rej['quarantined_as'] or 'nowhere'})")
+    print(f"{len(report.added)} added, {len(report.duplicates)} already present, {len(report.rejected)} rejected; "
+          f"report: {cfg.report}. Version the store with `dvc commit` (or `dvc repro`) and `git commit dvc.lock`.")
+    return 1 if report.rejected else 0
+
+
+def _cmd_demo_corpus(args, params) -> int:
+    from pipeline.demo_corpus import build_demo_corpus
+
+    corpus = build_demo_corpus(Path(args.dir), seed=args.seed)
+    print(f"demo corpus: {corpus.manifest}; held-aside new generator: {corpus.new_generator_dir}; "
+          f"human hold-out: {corpus.human_holdout_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aivoice", description="AI-generated-voice detector and its retraining pipeline")
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="score audio files or folders (recursive)")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--model", help="checkpoint file (default: detect.model in params)")
+    p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser("bootstrap", help="train a base model from scratch on a labelled corpus folder")
+    p.add_argument("--corpus", required=True, type=Path, help="folder with MANIFEST.csv or human/ and ai/ subfolders")
+    p.add_argument("--out", type=Path, help="checkpoint to write (default: train.out in params)")
+    p.add_argument("--report", type=Path, help="JSON report (default: train.report in params)")
+    p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("import-checkpoint", help="adopt an existing ResNet18 multitask state_dict")
+    p.add_argument("file", type=Path)
+    p.add_argument("--languages", help="comma-separated names of the language head's classes, in order")
+    p.add_argument("--out", type=Path, help="where to write the adopted checkpoint")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("ingest", help="validate and copy audio into the DVC-tracked store (re-ingesting is a no-op)")
+    p.add_argument("paths", nargs="*", type=Path, help="files or folders (recursive); never moved or modified")
+    p.add_argument("--label", choices=("ai", "human"))
+    p.add_argument("--generator", help="the TTS/voice-cloning system ('human' for human speech)")
+    p.add_argument("--speaker", default="unknown")
+    p.add_argument("--language", default="unknown")
+    p.add_argument("--source", help="recording chain / origin (default: folder prefix before __, else the generator)")
+    p.add_argument("--corpus", type=Path, help="ingest a labelled corpus folder (MANIFEST.csv or human/ and ai/)")
+    p.add_argument("--split", choices=("train", "test"), help="fix the split (default: drawn per file by hash)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("demo-corpus", help="build the small offline demo corpus")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo_corpus)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from pipeline.data import CorpusError
+    from pipeline.model import CheckpointError
+
+    try:
+        return args.func(args, load_params(args.params))
+    except (ParamsError, CorpusError, CheckpointError, FileExistsError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Typed, validated settings read once from params.yaml (one section per concern or stage)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every section: frozen, and a misspelt key is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AudioConfig(Section):
+    """Decoding and segmentation: every clip becomes mono float32 at `sample_rate`."""
+
+    sample_rate: int = Field(24000, gt=0)
+    segment_s: float = Field(3.0, gt=0)
+    min_duration_s: float = Field(0.25, ge=0)
+    silence_peak: float = Field(1e-4, ge=0, description="clips whose peak |x| stays below are silent")
+    block_s: float = Field(60.0, gt=0, description="decode/stream block length")
+
+    @property
+    def segment_samples(self) -> int:
+        return round(self.segment_s * self.sample_rate)
+
+
+class FeatureConfig(Section):
+    """Log-mel front end, identical in training and scoring."""
+
+    n_mels: int = Field(80, gt=0)
+    n_fft: int = Field(1024, gt=0)
+    win_length: int = Field(1024, gt=0)
+    hop_length: int = Field(240, gt=0)
+    f_min: float = Field(20.0, ge=0)
+    f_max: float = Field(12000.0, gt=0)
+    log_floor: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureConfig":
+        if self.win_length > self.n_fft:
+            raise ValueError("win_length must be <= n_fft")
+        if self.f_min >= self.f_max:
+            raise ValueError("f_min must be < f_max")
+        return self
+
+
+Prob = Annotated[float, Field(ge=0, le=1)]
+Codec = Literal["mp3", "opus"]
+
+
+def _ordered(r: tuple[float, float]) -> tuple[float, float]:
+    if r[0] > r[1]:
+        raise ValueError(f"range {r} must be (low, high) with low <= high")
+    return r
+
+
+_Ordered = AfterValidator(_ordered)
+Range = Annotated[tuple[float, float], _Ordered]
+NonNegRange = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], _Ordered]
+PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], _Ordered]
+ProbRange = Annotated[tuple[Prob, Prob], _Ordered]
+Mp3Level = Annotated[float, Field(ge=0, le=0.99, description="libsndfile errors at 1.0 for MP3")]
+Mp3Range = Annotated[tuple[Mp3Level, Mp3Level], _Ordered]
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation (pipeline.augment); every transform has a switch and a probability."""
+
+    copies: int = Field(20, gt=0, description="augmented copies per clip")
+    noise: bool = True
+    noise_prob: Prob = 1.0
+    noise_base_level: float = Field(0.5, ge=0, description="noise RMS / signal RMS before scaling")
+    noise_scale: NonNegRange = (0.25, 0.75)
+    stretch: bool = True
+    stretch_prob: Prob = 1.0
+    stretch_range: PositiveRange = (0.9, 1.1)
+    pitch_shift: bool = True
+    pitch_shift_prob: Prob = 1.0
+    pitch_shift_bins: int = Field(2, ge=0)
+    codec: bool = True
+    codec_prob: Prob = 0.5
+    codec_formats: tuple[Codec, ...] = Field(("mp3", "opus"), min_length=1)
+    mp3_levels: Mp3Range = (0.5, 0.95)
+    opus_levels: ProbRange = (0.7, 0.95)
+    gain: bool = True
+    gain_prob: Prob = 1.0
+    gain_db: Range = (-6.0, 6.0)
+    band_limit: bool = True
+    band_limit_prob: Prob = 0.3
+    band_limit_highpass: bool = True
+    spec_augment: bool = True
+    spec_augment_prob: Prob = 1.0
+    time_masks: int = Field(2, ge=0)
+    time_mask_max: int = Field(20, ge=0)
+    freq_masks: int = Field(2, ge=0)
+    freq_mask_max: int = Field(8, ge=0)
+
+
+
+class ModelConfig(Section):
+    """ResNet18 trunk width (64 = the production architecture) and head dropout."""
+
+    base_width: int = Field(64, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class DetectConfig(Section):
+    """Scoring: sliding windows, aggregation and the default decision threshold."""
+
+    model: str = "models/base.pt"
+    hop_s: float = Field(1.5, gt=0)
+    aggregate: Literal["mean", "max"] = "mean"
+    threshold: float = Field(0.5, ge=0, le=1)
+    batch_windows: int = Field(32, gt=0)
+
+
+class TrainConfig(Section):
+    """Base training (bootstrap) of trunk and all three heads."""
+
+    seed: int = 0
+    epochs: int = Field(12, gt=0)
+    steps_per_epoch: int = Field(40, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    patience: int = Field(4, gt=0, description="epochs without a better validation EER before stopping")
+    mixture_fraction: float = Field(0.15, ge=0, lt=1, description="share of synthesized two-talker mixtures")
+    augment: AugmentConfig = AugmentConfig(
+        noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,
+        pitch_shift_prob=0.3, spec_augment_prob=0.5)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    out: str = "models/base.pt"
+    report: str = "reports/bootstrap.json"
+
+
+class IngestConfig(Section):
+    """Versioned store: where accepted and rejected audio go, and what is accepted."""
+
+    incoming: str = "data/incoming"
+    store: str = "data/store"
+    quarantine: str = "data/quarantine"
+    report: str = "reports/ingest.json"
+    min_sample_rate: int = Field(8000, gt=0)
+    max_duration_s: float = Field(600.0, gt=0)
+    test_fraction: float = Field(0.25, ge=0, lt=1, description="share of files (or speakers) held out for validation")
+    split_by: Literal["file", "speaker"] = Field("file", description="speaker: needs many speakers per class")
+
+
+class AugmentStageConfig(Section):
+    """Which stored clips get the production recipe's augmented copies."""
+
+    new_generators: tuple[str, ...] = Field((), description="empty: the AI generators of the latest ingest batch")
+    out: str = "data/augmented"
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning the production model on new samples plus a replay set (ai head only by default)."""
+
+    base_model: str = "models/production.pt"
+    out: str = "models/candidate.pt"
+    report: str = "reports/finetune.json"
+    epochs: int = Field(50, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(64, gt=0)
+    train_last_block: bool = Field(False, description="also train the trunk's layer4")
+    replay_per_class: int = Field(200, gt=0, description="segments of stored human (and earlier AI) speech per class")
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    patience: int = Field(10, gt=0)
+    target_fpr: float = Field(0.01, ge=0, lt=1, description="threshold calibrated to this human FPR on held-out humans")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class GatesConfig(Section):
+    """Pass/fail rules for a candidate against the production model."""
+
+    min_new_recall: float = Field(0.9, ge=0, le=1)
+    max_human_fpr: float = Field(0.05, ge=0, le=1)
+    max_fpr_increase: float = Field(0.01, ge=0, le=1)
+    max_eer_increase: float = Field(0.01, ge=0, le=1)
+    frozen_heads_unchanged: bool = True
+
+
+class ValidateConfig(Section):
+    """Where the verdict, metrics and plots go, and the gates."""
+
+    metrics: str = "reports/metrics.json"
+    verdict: str = "reports/verdict.json"
+    plots: str = "reports/plots"
+    gates: GatesConfig = GatesConfig()
+
+
+class Params(Section):
+    """Everything in params.yaml."""
+
+    audio: AudioConfig = AudioConfig()
+    features: FeatureConfig = FeatureConfig()
+    model: ModelConfig = ModelConfig()
+    detect: DetectConfig = DetectConfig()
+    train: TrainConfig = TrainConfig()
+    ingest: IngestConfig = IngestConfig()
+    augment: AugmentConfig = AugmentConfig()
+    augment_stage: AugmentStageConfig = AugmentStageConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")  # `validate` in params.yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds a wrong key or value."""
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml; a missing file means the defaults. Errors name the key."""
+    path = Path(path)
+    raw: dict = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]).replace("validation", "validate", 1)
+        raise ParamsError(f"{path}: {key}: {first['msg']}") from None
+
+
+def params_hash(params: BaseModel) -> str:
+    """Stable short hash of a settings object, recorded with every model."""
+    blob = json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

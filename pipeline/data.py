@@ -1,0 +1,171 @@
+"""Corpus manifests, labels and leakage-free splits.
+
+A corpus folder holds either a MANIFEST.csv (at least `path,label`; optional generator, speaker,
+language, n_speakers, source, sha256) or `human/` and `ai/` subfolders. A clip's source is the
+folder prefix before `__` (files of one source share a recording chain) unless the manifest names it.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.audio import AUDIO_SUFFIXES
+from pipeline.model import AI_LABEL
+
+LABELS = {"human": 1 - AI_LABEL, "ai": AI_LABEL}
+UNKNOWN = "unknown"
+
+
+class CorpusError(ValueError):
+    """A corpus folder or manifest that cannot be used; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    label: int          # 0 human, 1 ai
+    generator: str
+    speaker: str
+    language: str
+    source: str
+    n_speakers: int = 1
+    sha256: str = ""
+    split: str = ""     # "train" or "test" when the manifest fixes it (see pipeline.store)
+
+    @property
+    def id(self) -> str:
+        return str(self.path)
+
+    @property
+    def label_name(self) -> str:
+        return "ai" if self.label == AI_LABEL else "human"
+
+
+def source_of(path: Path) -> str:
+    """The folder prefix before `__` of the clip's parent folder (the folder name if it has none)."""
+    return path.parent.name.split("__", 1)[0]
+
+
+def read_corpus(root: str | Path) -> list[Clip]:
+    """Clips of a corpus folder, from MANIFEST.csv if present, else from human/ and ai/ subfolders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: not a folder")
+    manifest = root / "MANIFEST.csv"
+    clips = _from_manifest(manifest) if manifest.exists() else _from_folders(root)
+    if not clips:
+        raise CorpusError(f"{root}: no clips (expected MANIFEST.csv or human/ and ai/ subfolders with audio)")
+    return clips
+
+
+def _from_manifest(manifest: Path) -> list[Clip]:
+    root = manifest.parent
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise CorpusError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}")
+        clips = []
+        for line, row in enumerate(reader, start=2):
+            label = (row["label"] or "").strip().lower()
+            if label not in LABELS:
+                raise CorpusError(f"{manifest}:{line}: label {row['label']!r} is not 'human' or 'ai'")
+            path = root / row["path"]
+            n_spk = (row.get("n_speakers") or "1").strip()
+            if not n_spk.isdigit() or int(n_spk) < 1:
+                raise CorpusError(f"{manifest}:{line}: n_speakers {n_spk!r} is not a positive integer")
+            clips.append(Clip(
+                path=path, label=LABELS[label],
+                generator=_field(row, "generator", "human" if label == "human" else UNKNOWN),
+                speaker=_field(row, "speaker", UNKNOWN), language=_field(row, "language", UNKNOWN),
+                source=_field(row, "source", source_of(path)), n_speakers=int(n_spk),
+                sha256=_field(row, "sha256", ""), split=_field(row, "split", ""),
+            ))
+    return clips
+
+
+def _field(row: dict, key: str, default: str) -> str:
+    return (row.get(key) or "").strip() or default
+
+
+def _from_folders(root: Path) -> list[Clip]:
+    clips = []
+    for name, label in LABELS.items():
+        for path in sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
+            generator = "human" if label != AI_LABEL else (path.parent.name if path.parent != root / name else UNKNOWN)
+            clips.append(Clip(path=path, label=label, generator=generator, speaker=UNKNOWN,
+                              language=UNKNOWN, source=source_of(path)))
+    return clips
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_hash(clips: list[Clip]) -> str:
+    """Content hash of a clip set: labels and audio bytes (order-independent)."""
+    rows = sorted(f"{c.sha256 or file_sha256(c.path)}:{c.label}" for c in clips)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def _group_key(clip: Clip) -> str:
+    """Clips that must stay on one side of a split: one speaker, or one file if the speaker is unknown."""
+    return f"speaker:{clip.speaker}" if clip.speaker != UNKNOWN else f"file:{clip.path}"
+
+
+def split_by_speaker(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
+    """Speaker- and file-disjoint train/validation split holding about val_fraction of each class.
+
+    Whole groups (a speaker, or a file of unknown speaker) go to validation in seeded random order
+    while they keep every class they hold within 1.5x its target; a class still missing then gets
+    its smallest group that is not the whole class. Raises CorpusError when validation cannot get
+    both classes.
+    """
+    groups: dict[str, list[Clip]] = defaultdict(list)
+    for c in clips:
+        groups[_group_key(c)].append(c)
+    keys = sorted(groups)
+    np.random.default_rng(seed).shuffle(keys)
+    counts = {k: np.bincount([c.label for c in groups[k]], minlength=2) for k in keys}
+    totals = np.bincount([c.label for c in clips], minlength=2)
+    target = np.maximum(np.round(totals * val_fraction), 1)
+    taken = np.zeros(2)
+    val_keys: set[str] = set()
+    for k in keys:
+        present = counts[k] > 0
+        if np.all(taken[present] + counts[k][present] <= 1.5 * target[present]):
+            val_keys.add(k)
+            taken += counts[k]
+    for label in (0, 1):
+        candidates = [k for k in keys if k not in val_keys and 0 < counts[k][label] < totals[label]]
+        if taken[label] == 0 and candidates:
+            k = min(candidates, key=lambda k: counts[k].sum())
+            val_keys.add(k)
+            taken += counts[k]
+    train = [c for k in sorted(groups) if k not in val_keys for c in groups[k]]
+    val = [c for k in sorted(groups) if k in val_keys for c in groups[k]]
+    check_two_classes(val, "the validation split (speakers are never split; add speakers or files)")
+    return train, val
+
+
+def split_by_source(clips: list[Clip], held_out: set[str]) -> tuple[list[Clip], list[Clip]]:
+    """Leave-sources-out: train on every other source, evaluate on the held-out ones."""
+    return [c for c in clips if c.source not in held_out], [c for c in clips if c.source in held_out]
+
+
+def check_two_classes(clips: list[Clip], what: str) -> None:
+    """Refuse to train or judge on one class only (the production incident)."""
+    present = {c.label_name for c in clips}
+    if present != {"human", "ai"}:
+        only = ", ".join(sorted(present)) or "no clips"
+        raise CorpusError(f"{what} has only {only}: training or validating on one class is refused; add "
+                          f"{'human' if 'human' not in present else 'AI'} speech")

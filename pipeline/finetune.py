@@ -1,0 +1,285 @@
+"""Fine-tuning: adapt the production model to a new generator without forgetting human speech.
+
+Training data = the new samples' augmented copies + a replay set of stored human speech and
+earlier AI speech (train split only, source-balanced random crops, augmented the same way so
+that "augmented" cannot become an AI cue), class-balanced. By default only the `ai` head trains:
+the frozen trunk's embeddings are computed once per segment and the head is trained on them.
+With `train_last_block`, layer3 outputs are cached instead and layer4 trains too.
+
+Early stopping uses held-out speakers of the replay set and held-out copies of the new samples.
+The decision threshold is calibrated on held-out human clips to `finetune.target_fpr`.
+Recall on the new generator is estimated leave-one-file-out (a head trained without file f scores
+f); with a single new file, its held-out augmented copies are used instead.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.audio import AudioError, load_audio
+from pipeline.augment import augment_spec, augment_wave
+from pipeline.config import Params
+from pipeline.data import Clip, CorpusError, check_two_classes, read_corpus, split_by_speaker
+from pipeline.features import LogMel, random_crop
+from pipeline.metrics import compute_eer, threshold_at_fpr
+from pipeline.model import AI_LABEL, Detector
+from pipeline.scoring import Scorer, pick_device, score_arrays
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segments:
+    """Training segments: 3 s waves, labels, and the file each came from (for leave-one-file-out)."""
+
+    waves: np.ndarray      # (N, seg)
+    labels: np.ndarray     # (N,)
+    files: np.ndarray      # (N,) sha256 or path of the source clip
+    is_val: np.ndarray     # (N,) bool: held out for early stopping
+
+
+def load_new_copies(augmented: Path, val_fraction: float) -> tuple[Segments, dict[str, str]]:
+    """The augment stage's copies; the last val_fraction of each clip's copies are held out."""
+    with (augmented / "index.csv").open(newline="") as f:
+        index = list(csv.DictReader(f))
+    if not index:
+        raise CorpusError(f"{augmented}: no augmented copies; run the augment stage first")
+    per_clip = defaultdict(int)
+    for r in index:
+        per_clip[r["sha256"]] += 1
+    waves = np.stack([sf.read(augmented / r["file"], dtype="float32")[0] for r in index])
+    is_val = np.array([int(r["copy"]) >= per_clip[r["sha256"]] * (1 - val_fraction) for r in index])
+    files = np.array([r["sha256"] for r in index])
+    generators = {r["sha256"]: r["generator"] for r in index}
+    return Segments(waves, np.full(len(index), AI_LABEL), files, is_val), generators
+
+
+def replay_segments(clips: list[Clip], n: int, params: Params, rng: np.random.Generator, is_val: bool) -> Segments:
+    """n augmented random crops from these clips, each source equally likely."""
+    by_source = defaultdict(list)
+    for c in clips:
+        by_source[c.source].append(c)
+    sources = sorted(by_source)
+    cache: dict[Path, np.ndarray] = {}
+    waves, files = [], []
+    seg, sr = params.audio.segment_samples, params.audio.sample_rate
+    while len(waves) < n:
+        pool = by_source[sources[int(rng.integers(len(sources)))]]
+        clip = pool[int(rng.integers(len(pool)))]
+        if clip.path not in cache:
+            try:
+                cache[clip.path] = load_audio(clip.path, params.audio)
+            except AudioError as err:
+                log.warning("replay: skipped %s", err)
+                pool.remove(clip)
+                if not pool:
+                    sources.remove(clip.source)
+                if not sources:
+                    raise CorpusError("no usable replay clips") from None
+                continue
+        waves.append(augment_wave(random_crop(cache[clip.path], seg, rng), sr, params.augment, rng))
+        files.append(str(clip.path))
+    label = clips[0].label
+    return Segments(np.stack(waves), np.full(n, label), np.array(files), np.full(n, is_val))
+
+
+def concat(parts: list[Segments]) -> Segments:
+    return Segments(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("waves", "labels", "files", "is_val")))
+
+
+class Adapter(nn.Module):
+    """The trainable part: the ai head (and layer4 when train_last_block) on cached trunk outputs."""
+
+    def __init__(self, model: Detector, train_last_block: bool) -> None:
+        super().__init__()
+        self.layer4 = copy.deepcopy(model.trunk.layer4) if train_last_block else None
+        self.dropout = copy.deepcopy(model.dropout)
+        self.head = copy.deepcopy(model.heads["ai"])
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        if self.layer4 is not None:  # cached: (B, 4w, n_mels/16, T/16) layer3 output
+            cached = torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(cached), 1), 1)
+        return self.head(self.dropout(cached))  # (B, 2)
+
+
+@torch.no_grad()
+def cache_inputs(model: Detector, waves: np.ndarray, params: Params, train_last_block: bool, device, seed: int) -> torch.Tensor:
+    """Frozen-trunk outputs per segment (embedding, or layer3 output), with the spectrogram part of the recipe."""
+    logmel = LogMel(params.audio, params.features).to(device)
+    rng = np.random.default_rng(seed)
+    model = model.to(device).eval()
+    trunk = model.trunk
+    out = []
+    for i in range(0, len(waves), 64):
+        x = augment_spec(logmel(torch.from_numpy(waves[i:i + 64]).to(device)), params.augment, rng)  # (B, 1, n_mels, T)
+        if train_last_block:
+            x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+            out.append(trunk.layer3(trunk.layer2(trunk.layer1(x))).cpu())
+        else:
+            out.append(trunk(x).cpu())
+    return torch.cat(out)
+
+
+def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, train_mask: np.ndarray, val_mask: np.ndarray,
+                  params: Params, device) -> tuple[Adapter, list[dict]]:
+    """Adam on the trainable part, class-weighted loss, best epoch by validation EER (then loss)."""
+    cfg = params.finetune
+    torch.manual_seed(cfg.seed)
+    adapter = Adapter(model, cfg.train_last_block).to(device)
+    opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
+    y = torch.from_numpy(seg.labels).long()
+    x_tr, y_tr = cached[train_mask], y[train_mask]
+    x_va, y_va = cached[val_mask].to(device), y[val_mask].to(device)
+    check_two_classes_labels(y_tr.numpy(), "the fine-tuning set")
+    weight = (len(y_tr) / (2 * torch.bincount(y_tr, minlength=2).clamp_min(1)).float()).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_key, history, stale = None, (float("inf"), float("inf")), [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        adapter.train()
+        order = torch.randperm(len(y_tr), generator=gen)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(adapter(x_tr[idx].to(device)), y_tr[idx].to(device), weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        adapter.eval()
+        with torch.no_grad():
+            logits = adapter(x_va)
+            val_loss = F.cross_entropy(logits, y_va, weight=weight).item()
+            scores = logits.softmax(-1)[:, AI_LABEL].cpu().numpy()
+        eer = compute_eer(scores, y_va.cpu().numpy())[0] if len(set(y_va.tolist())) == 2 else float("nan")
+        history.append({"epoch": epoch, "val_loss": val_loss, "val_eer": eer})
+        key = (eer if eer == eer else 0.0, val_loss)
+        if key < best_key:
+            best, best_key, stale = copy.deepcopy(adapter.state_dict()), key, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    adapter.load_state_dict(best)
+    return adapter.eval(), history
+
+
+def check_two_classes_labels(labels: np.ndarray, what: str) -> None:
+    """One-class training data is refused (the production incident: two AI clips, no humans)."""
+    present = set(np.unique(labels).tolist())
+    if present != {0, 1}:
+        only = "ai" if present == {AI_LABEL} else "human" if present else "no clips"
+        raise CorpusError(f"{what} has only {only}: training on one class is refused; add "
+                          f"{'human' if only == 'ai' else 'AI'} speech to the store")
+
+
+def merge(model: Detector, adapter: Adapter) -> Detector:
+    """A new detector: the production model with the adapter's trained weights."""
+    merged = copy.deepcopy(model).cpu()
+    merged.heads["ai"].load_state_dict(adapter.head.state_dict())
+    if adapter.layer4 is not None:
+        merged.trunk.layer4.load_state_dict(adapter.layer4.state_dict())
+    return merged.eval()
+
+
+def replay_clips(store: Path, new_files: set[str]) -> tuple[list[Clip], list[Clip]]:
+    """Train-split human and earlier-AI clips of the store (new samples excluded)."""
+    clips = [c for c in read_corpus(store) if c.split != "test" and c.sha256 not in new_files]
+    humans = [c for c in clips if c.label != AI_LABEL]
+    if not humans:
+        raise CorpusError(f"{store}: no human speech in the store's train split: fine-tuning without human "
+                          "replay is refused (it would flag every human as AI); ingest human speech first")
+    return humans, [c for c in clips if c.label == AI_LABEL]
+
+
+def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
+    """Train a candidate from the production model; return it and the report."""
+    cfg = params.finetune
+    device = pick_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
+    new, generators = load_new_copies(augmented, cfg.val_fraction)
+    humans, earlier_ai = replay_clips(store, set(generators))
+    h_train, h_val = _speaker_halves(humans, cfg.val_fraction, cfg.seed)
+    n_h = max(cfg.replay_per_class, int((~new.is_val).sum()))
+    n_ai_replay = max(cfg.replay_per_class - int((~new.is_val).sum()), 0) if earlier_ai else 0
+    n_val = max(int(n_h * cfg.val_fraction), 8)
+    parts = [new, replay_segments(h_train, n_h, params, rng, False), replay_segments(h_val, n_val, params, rng, True)]
+    if n_ai_replay:
+        a_train, a_val = _speaker_halves(earlier_ai, cfg.val_fraction, cfg.seed)
+        parts += [replay_segments(a_train, n_ai_replay, params, rng, False),
+                  replay_segments(a_val or a_train, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng, True)]
+    seg = concat(parts)
+    log.info("fine-tuning on %d segments (%d new-sample copies, %d human, %d earlier AI replay)",
+             int((~seg.is_val).sum()), int((~new.is_val).sum()), n_h, n_ai_replay)
+    cached = cache_inputs(model, seg.waves, params, cfg.train_last_block, device, cfg.seed)
+    adapter, history = train_adapter(model, cached, seg, ~seg.is_val, seg.is_val, params, device)
+    candidate = merge(model, adapter)
+    lofo = _leave_one_file_out(model, cached, seg, new, generators, params, device)
+
+    # calibrate on held-out humans' whole clips, scored like production traffic
+    scorer = Scorer(candidate, params.audio, params.features, str(device))
+    cal_waves = [w for w in (_try_load(c, params) for c in h_val) if w is not None]
+    cal_scores = [s.ai_score for s in score_arrays(scorer, cal_waves, params.audio, params.detect)]
+    threshold = threshold_at_fpr(cal_scores, cfg.target_fpr)
+    candidate.to("cpu")
+    report = {
+        "segments": {"new_copies": int((~new.is_val).sum()), "human_replay": n_h, "ai_replay": n_ai_replay,
+                     "validation": int(seg.is_val.sum())},
+        "new_generators": sorted(set(generators.values())), "history": history,
+        "best_epoch": int(np.argmin([(h["val_eer"] if h["val_eer"] == h["val_eer"] else 0, h["val_loss"]) for h in history])) + 1,
+        "calibration": {"target_fpr": cfg.target_fpr, "threshold": threshold, "n_human_clips": len(cal_scores)},
+        "lofo": lofo, "trained": "ai head + layer4" if cfg.train_last_block else "ai head",
+    }
+    return candidate, report
+
+
+def _try_load(clip: Clip, params: Params) -> np.ndarray | None:
+    try:
+        return load_audio(clip.path, params.audio)
+    except AudioError as err:
+        log.warning("calibration: skipped %s", err)
+        return None
+
+
+def _speaker_halves(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
+    """Speaker-disjoint (train, validation) parts of one class; validation may be empty for one speaker."""
+    groups = sorted({c.speaker if c.speaker != "unknown" else str(c.path) for c in clips})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(groups)
+    n_val = int(round(len(groups) * val_fraction)) if len(groups) > 1 else 0
+    val_groups = set(groups[:n_val])
+    key = lambda c: c.speaker if c.speaker != "unknown" else str(c.path)
+    train = [c for c in clips if key(c) not in val_groups]
+    val = [c for c in clips if key(c) in val_groups]
+    return (train, val) if val else (clips, clips)
+
+
+def _leave_one_file_out(model, cached, seg: Segments, new: Segments, generators: dict[str, str], params: Params, device) -> dict:
+    """Recall on the new generator from clips the head did not train on."""
+    files = sorted(generators)
+    store = Path(params.ingest.store)
+    rows = {c.sha256: c for c in read_corpus(store)}
+    if len(files) < 2:
+        # one file: score its held-out augmented copies with the head trained on the others
+        adapter, _ = train_adapter(model, cached, seg, ~seg.is_val, seg.is_val, params, device)
+        mask = torch.from_numpy(seg.is_val & (seg.files == files[0]))
+        with torch.no_grad():
+            scores = adapter(cached[mask].to(device)).softmax(-1)[:, AI_LABEL].cpu().numpy()
+        return {"method": "held-out augmented copies (only one new file)", "scores": {files[0]: float(scores.mean())}}
+    scores = {}
+    for f in files:
+        keep = seg.files != f
+        adapter, _ = train_adapter(model, cached, seg, ~seg.is_val & keep, seg.is_val & keep, params, device)
+        held_out = merge(model, adapter)
+        scorer = Scorer(held_out, params.audio, params.features, str(device))
+        wave = load_audio(rows[f].path, params.audio)
+        scores[f] = score_arrays(scorer, [wave], params.audio, params.detect)[0].ai_score
+    return {"method": "leave-one-file-out", "scores": scores}

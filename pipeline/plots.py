@@ -1,0 +1,49 @@
+"""ROC/DET data for `dvc plots` (CSV per model) and PNG pictures of the same, plus score histograms."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.metrics import roc_points  # noqa: E402
+
+
+def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
+    """models: name -> {"scores", "labels", "threshold"}; writes roc_<name>.csv, roc.png, det.png, scores.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
+    fig_det, ax_det = plt.subplots(figsize=(5, 5))
+    fig_hist, axes = plt.subplots(len(models), 1, figsize=(6, 2.5 * len(models)), squeeze=False)
+    for (name, m), ax_h in zip(models.items(), axes[:, 0]):
+        fpr, tpr, _ = roc_points(m["scores"], m["labels"])
+        path = out / f"roc_{name}.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["fpr", "tpr", "fnr"])
+            w.writerows(zip(np.round(fpr, 5), np.round(tpr, 5), np.round(1 - tpr, 5)))
+        written.append(path)
+        ax_roc.plot(fpr, tpr, label=name)
+        ax_det.plot(np.clip(fpr, 1e-3, 1), np.clip(1 - tpr, 1e-3, 1), label=name)
+        s, y = np.asarray(m["scores"]), np.asarray(m["labels"])
+        bins = np.linspace(0, 1, 41)
+        ax_h.hist(s[y == 0], bins=bins, alpha=0.6, label="human")
+        ax_h.hist(s[y == 1], bins=bins, alpha=0.6, label="ai")
+        ax_h.axvline(m["threshold"], color="k", linestyle="--", label=f"threshold {m['threshold']:.3f}")
+        ax_h.set_title(f"{name}: AI scores on held-out clips")
+        ax_h.legend()
+    ax_roc.set(xlabel="false-positive rate (human)", ylabel="true-positive rate (AI)", title="ROC")
+    ax_det.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="false-negative rate", title="DET")
+    for fig, ax, name in ((fig_roc, ax_roc, "roc.png"), (fig_det, ax_det, "det.png"), (fig_hist, None, "scores.png")):
+        if ax is not None:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        written.append(out / name)
+    return written

@@ -1,0 +1,123 @@
+"""Model inference on fixed 3 s windows, and aggregation of window scores into clip scores."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.audio import AudioError
+from pipeline.config import AudioConfig, DetectConfig, FeatureConfig
+from pipeline.features import LogMel, windows
+from pipeline.model import AI_LABEL, SPEAKER_CLASSES, Detector
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class WindowScores:
+    """Per-window outputs of one batch: AI probability, language and speaker-count probabilities."""
+
+    ai: np.ndarray         # (B,)
+    language: np.ndarray   # (B, n_languages)
+    speakers: np.ndarray   # (B, 2) single / several
+
+
+class Scorer:
+    """Runs a detector on batches of raw windows (B, segment_samples) in eval mode without gradients."""
+
+    def __init__(self, model: Detector, audio: AudioConfig, feats: FeatureConfig, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.logmel = LogMel(audio, feats).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: np.ndarray) -> WindowScores:
+        x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
+        out = self.model(self.logmel(x))  # dict of (B, classes) logits
+        prob = {k: v.float().softmax(-1).cpu().numpy() for k, v in out.items()}
+        return WindowScores(ai=prob["ai"][:, AI_LABEL], language=prob["language"], speakers=prob["speakers"])
+
+
+@dataclass
+class ClipScore:
+    """A clip's aggregated scores (windows kept for inspection)."""
+
+    ai_score: float
+    windows: list[float]
+    language: str
+    speakers: str
+
+
+def aggregate(parts: list[WindowScores], how: str, languages: tuple[str, ...]) -> ClipScore:
+    """Clip score = mean (or max) of window AI scores; language and speakers by mean probability."""
+    ai = np.concatenate([p.ai for p in parts])
+    lang = np.concatenate([p.language for p in parts]).mean(0)
+    spk = np.concatenate([p.speakers for p in parts]).mean(0)
+    score = float(ai.max() if how == "max" else ai.mean())
+    return ClipScore(ai_score=score, windows=[round(float(a), 6) for a in ai],
+                     language=languages[int(lang.argmax())] if languages else "unknown",
+                     speakers=SPEAKER_CLASSES[int(spk.argmax())])
+
+
+def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detect: DetectConfig) -> Iterator[ClipScore | AudioError]:
+    """Score clips given as lazy streams of fixed windows, batching windows across clips.
+
+    Yields one result per stream, in order: its ClipScore, or the AudioError it raised (the other
+    clips are still scored).
+    """
+    languages = scorer.model.meta.languages
+    batch: list[np.ndarray] = []
+    owners: list[int] = []
+    parts: dict[int, list[WindowScores]] = defaultdict(list)
+    finished: dict[int, int | AudioError] = {}   # clip -> window count, or its error
+
+    def flush() -> None:
+        if batch:
+            s = scorer(np.stack(batch))
+            for idx in dict.fromkeys(owners):
+                sel = np.array([o == idx for o in owners])
+                parts[idx].append(WindowScores(s.ai[sel], s.language[sel], s.speakers[sel]))
+            batch.clear()
+            owners.clear()
+
+    def ready(idx: int) -> bool:
+        state = finished.get(idx)
+        return isinstance(state, AudioError) or (state is not None and sum(len(p.ai) for p in parts[idx]) == state)
+
+    def emit(idx: int) -> ClipScore | AudioError:
+        state, got = finished.pop(idx), parts.pop(idx, [])
+        return state if isinstance(state, AudioError) else aggregate(got, detect.aggregate, languages)
+
+    next_out = 0
+    for idx, stream in enumerate(streams):
+        n = 0
+        try:
+            for w in stream:
+                batch.append(w)
+                owners.append(idx)
+                n += 1
+                if len(batch) >= detect.batch_windows:
+                    flush()
+            finished[idx] = n
+        except AudioError as err:
+            finished[idx] = err
+        while ready(next_out):
+            yield emit(next_out)
+            next_out += 1
+    flush()
+    while next_out in finished:
+        yield emit(next_out)
+        next_out += 1
+
+
+def score_arrays(scorer: Scorer, clips: Iterable[np.ndarray], audio: AudioConfig, detect: DetectConfig) -> list[ClipScore]:
+    """Score in-memory clips (already at the model's rate) with the same fixed windows as detection."""
+    seg, hop = audio.segment_samples, round(detect.hop_s * audio.sample_rate)
+    return list(score_streams(scorer, (windows(x, seg, hop) for x in clips), detect))

@@ -1,0 +1,69 @@
+"""Stage augment: the production report's recipe applied to the new samples.
+
+New samples are the stored AI clips of `augment_stage.new_generators` (default: the AI generators
+of the latest ingest batch). Each gets `augment.copies` random 3 s crops, augmented (stretch,
+codec, band limit, gain, noise), written as float WAV beside an index.csv; the spectrogram part
+of the recipe (mel pitch shift, SpecAugment) is applied when the copies are embedded in finetune.
+Copy i of a clip is reproducible from (its sha256, i).
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+from pipeline.audio import load_audio
+from pipeline.augment import augment_copies
+from pipeline.config import Params
+from pipeline.data import CorpusError
+from pipeline.stages.common import stage_main
+from pipeline.store import read_manifest
+
+INDEX = "index.csv"
+
+
+def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
+    """Manifest rows of the new generator(s): named ones, else those of the latest batch's AI clips."""
+    ai = [r for r in rows if r["label"] == "ai"]
+    if not generators:
+        if not ai:
+            raise CorpusError("the store holds no AI clips to augment; ingest new samples first")
+        latest = max(r["batch"] for r in ai)
+        generators = tuple(sorted({r["generator"] for r in ai if r["batch"] == latest}))
+    chosen = [r for r in ai if r["generator"] in generators]
+    if not chosen:
+        raise CorpusError(f"no stored AI clips of generator(s) {', '.join(generators)}")
+    return chosen
+
+
+def run(params: Params) -> dict:
+    store, out = Path(params.ingest.store), Path(params.augment_stage.out)
+    rows = new_samples(read_manifest(store), params.augment_stage.new_generators)
+    if out.exists():
+        shutil.rmtree(out)   # this stage owns its output folder (DVC removes it too before a run)
+    out.mkdir(parents=True)
+    sr, seg = params.audio.sample_rate, params.audio.segment_samples
+    index = []
+    for row in rows:
+        wave = load_audio(store / row["path"], params.audio)
+        seed = int(row["sha256"][:8], 16)
+        for i, copy in enumerate(augment_copies(wave, sr, cfg=params.augment, seed=seed, segment=seg)):
+            name = f"{row['sha256'][:16]}_{i:02d}.wav"
+            sf.write(out / name, copy, sr, subtype="FLOAT")
+            index.append({"file": name, "sha256": row["sha256"], "generator": row["generator"], "copy": i})
+    with (out / INDEX).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "sha256", "generator", "copy"])
+        w.writeheader()
+        w.writerows(index)
+    return {"new_clips": len(rows), "copies": len(index), "generators": sorted({r["generator"] for r in rows}), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("augment", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The command-line shell shared by every stage's `main`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Params, ParamsError, load_params
+
+log = logging.getLogger(__name__)
+
+
+def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None) -> int:
+    """Parse --params, run the stage, print its outputs as JSON; 2 on a user error."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        outputs = run(load_params(args.params))
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        log.error("%s stage: %s", name, err)
+        return 2
+    print(json.dumps(outputs, indent=2, default=str))
+    return 0
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return path

@@ -1,0 +1,184 @@
+"""MLflow plumbing shared by training, the registry and serving.
+
+Store: $MLFLOW_TRACKING_URI when set, else the local sqlite store `mlruns/mlflow.db`. For a sqlite
+store, artifacts go to `artifacts/` beside the database (so `mlruns/artifacts` by default) unless
+$AIVOICE_ARTIFACT_ROOT names another folder; a tracking server decides its own artifact root.
+
+A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`) carrying the
+checkpoint file as its one artifact. Loading it needs this package installed, never the network.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from pydantic import BaseModel
+
+from pipeline.config import AudioConfig, FeatureConfig, Params
+from pipeline.model import ModelMeta, load_checkpoint
+
+DEFAULT_STORE_DIR = Path("mlruns")
+ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
+CHECKPOINT_ARTIFACT = "checkpoint"
+_PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the local `sqlite:///<abs>/mlruns/mlflow.db`; a new sqlite store is created here."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        _create_sqlite_store(uri, db)
+    return uri
+
+
+def configure() -> MlflowClient:
+    """Point MLflow's fluent API at `tracking_uri()` and return a client for it (the registry follows
+    the tracking store unless $MLFLOW_REGISTRY_URI says otherwise)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a sqlite store keeps artifacts ($AIVOICE_ARTIFACT_ROOT or `artifacts/` beside the db); None for a server."""
+    if env := os.environ.get(ARTIFACT_ROOT_ENV):
+        return Path(env).resolve()
+    db = _sqlite_path(uri)
+    return None if db is None else db.parent / "artifacts"
+
+
+def cache_dir(uri: str) -> Path:
+    """Local cache for downloaded checkpoints: `.cache/` beside a sqlite store, else a temp folder."""
+    db = _sqlite_path(uri)
+    return db.parent / ".cache" if db is not None else Path(tempfile.gettempdir()) / "aivoice-model-cache"
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Id of experiment `name`, created (with its artifacts under the store's artifact root) when missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = artifact_root(client.tracking_uri)
+    location = (root / name).as_uri() if root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # created concurrently by another process
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def _create_sqlite_store(uri: str, db: Path) -> None:
+    """Create the database so that even the Default experiment keeps its artifacts under our root."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    root = artifact_root(uri)
+    root.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(uri, root.as_uri())
+
+
+def flatten_params(params: BaseModel) -> dict[str, str]:
+    """{"section.key": str(value)} for MLflow params; values over MLflow's length limit are truncated."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            text = json.dumps(value) if isinstance(value, list) else str(value)
+            flat[prefix] = text[:MAX_PARAM_VAL_LENGTH]
+
+    walk("", params.model_dump(mode="json"))
+    return flat
+
+
+def lineage_tags(*, params_hash: str = "", data_hash: str = "", repo: str | Path = ".") -> dict[str, str]:
+    """git_commit ("unknown" outside git or before the first commit), git_dirty, params_hash, data_hash."""
+    commit = _git(repo, "rev-parse", "HEAD")
+    status = _git(repo, "status", "--porcelain")
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {"git_commit": commit or "unknown", "git_dirty": dirty, "params_hash": params_hash, "data_hash": data_hash}
+
+
+def _git(repo: str | Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def params_from_meta(meta: ModelMeta) -> Params:
+    """Settings a checkpoint was trained with (audio, features); other sections at their defaults."""
+    def pick(section: type[BaseModel], values: dict) -> BaseModel:
+        return section.model_validate({k: v for k, v in values.items() if k in section.model_fields})
+
+    return Params(audio=pick(AudioConfig, meta.audio), features=pick(FeatureConfig, meta.features))
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc over a checkpoint. Input: DataFrame with `audio_path` (files) or `audio` (float lists at the
+    model's sample rate). Output: DataFrame with ai_score, label and error (None when scored)."""
+
+    def load_context(self, context) -> None:
+        from pipeline.scoring import Scorer
+
+        model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.params = params_from_meta(model.meta)
+        self.threshold = model.meta.threshold
+        self.scorer = Scorer(model, self.params.audio, self.params.features, "cpu")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from pipeline.detect import AI_GENERATED, HUMAN, detect_files
+        from pipeline.scoring import score_arrays
+
+        if "audio_path" in model_input.columns:
+            found = detect_files([Path(p) for p in model_input["audio_path"]], self.scorer, self.params, self.threshold)
+            rows = [{"ai_score": d.ai_score, "label": d.label, "error": d.error} for d in found]
+        else:
+            clips = [np.asarray(a, np.float32) for a in model_input["audio"]]
+            scores = score_arrays(self.scorer, clips, self.params.audio, self.params.detect)
+            rows = [{"ai_score": s.ai_score, "label": AI_GENERATED if s.ai_score >= self.threshold else HUMAN, "error": None}
+                    for s in scores]
+        return pd.DataFrame(rows, columns=["ai_score", "label", "error"])
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "audio_path", required=False), ColSpec(Array("double"), "audio", required=False)]),
+    outputs=Schema([ColSpec("double", "ai_score"), ColSpec("string", "label"), ColSpec("string", "error", required=False)]),
+)
+
+
+def log_checkpoint_model(ckpt_path: str | Path, name: str = "model") -> str:
+    """Log a checkpoint as a pyfunc LoggedModel (in the active run, if any); returns its `models:/<model_id>` URI."""
+    example = pd.DataFrame({"audio": [np.sin(np.arange(1200, dtype=np.float32) * 0.1).round(4).tolist()]})
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=DetectorPyfunc(), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_path)},
+        signature=SIGNATURE, input_example=example, pip_requirements=_pinned_requirements(),
+    )
+    return info.model_uri
+
+
+def _pinned_requirements() -> list[str]:
+    """Installed versions of what the pyfunc imports (given explicitly: inferring them costs seconds)."""
+    return [f"{pkg}=={importlib.metadata.version(pkg)}" for pkg in _PYFUNC_REQUIREMENTS]

@@ -1,0 +1,60 @@
+"""Metrics on hand-built scores, where the right answer is known."""
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import compute_eer, rates_at, roc_auc, summarize, threshold_at_fpr
+
+
+def test_perfect_separation_has_zero_eer_and_unit_auc():
+    scores, labels = [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]
+    eer, thr = compute_eer(scores, labels)
+    assert eer == 0.0, "separable scores must give EER 0"
+    assert 0.2 < thr <= 0.8, f"EER threshold {thr} must lie between the classes"
+    assert roc_auc(scores, labels) == 1.0, "separable scores must give AUC 1"
+
+
+def test_inverted_scores_have_full_error():
+    scores, labels = [0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]
+    assert compute_eer(scores, labels)[0] == 1.0, "every clip on the wrong side means EER 1"
+    assert roc_auc(scores, labels) == 0.0, "inverted ranking means AUC 0"
+
+
+def test_eer_on_known_overlap():
+    # humans 0.1 0.2 0.3 0.6 ; AI 0.4 0.7 0.8 0.9: at threshold 0.6 one human passes (FPR 1/4) and
+    # one AI is missed (FNR 1/4), so EER = 0.25
+    scores = [0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    eer, thr = compute_eer(scores, labels)
+    assert eer == pytest.approx(0.25), f"expected EER 0.25, got {eer}"
+    assert roc_auc(scores, labels) == pytest.approx(15 / 16), "one AI-human pair out of 16 is misordered"
+
+
+def test_ties_count_half_in_auc():
+    assert roc_auc([0.5, 0.5], [0, 1]) == 0.5, "a tie between classes counts half"
+
+
+def test_rates_at_threshold():
+    r = rates_at([0.1, 0.6, 0.4, 0.9], [0, 0, 1, 1], 0.5)
+    assert r["fpr"] == 0.5 and r["fnr"] == 0.5 and r["recall"] == 0.5, f"wrong rates {r}"
+    assert r["accuracy"] == 0.5, "two of four clips are right"
+    assert rates_at([0.5], [1], 0.5)["recall"] == 1.0, "a score equal to the threshold is AI"
+
+
+def test_threshold_at_fpr_bounds_false_positives():
+    human = np.linspace(0, 1, 101)
+    for target in (0.0, 0.01, 0.05, 0.2):
+        thr = threshold_at_fpr(human, target)
+        fpr = float((human >= thr).mean())
+        assert fpr <= target + 1e-12, f"target {target}: threshold {thr} lets {fpr} through"
+        assert fpr >= target - 0.011, f"target {target}: threshold {thr} is needlessly strict ({fpr})"
+
+
+def test_one_class_and_misaligned_inputs_are_refused():
+    with pytest.raises(ValueError, match="both"):
+        compute_eer([0.1, 0.2], [0, 0])
+    with pytest.raises(ValueError, match="line up"):
+        compute_eer([0.1, 0.2, 0.3], [0, 1])
+    s = summarize([0.9, 0.8], [1, 1], 0.5)
+    assert math.isnan(s["eer"]) and s["recall"] == 1.0, "one-class summary keeps recall, EER is undefined"

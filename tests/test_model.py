@@ -1,0 +1,105 @@
+"""Model shapes, checkpoint round trip and refusals, and adopting a foreign production checkpoint."""
+import pytest
+import torch
+
+from pipeline.config import load_params
+from pipeline.import_checkpoint import import_checkpoint
+from pipeline.model import CheckpointError, load_checkpoint, new_model, save_checkpoint
+
+
+class Evil:
+    """An arbitrary pickled object: must not load under weights_only=True."""
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params("/nonexistent/params.yaml")  # the defaults
+
+
+def test_forward_shapes(params):
+    model = new_model(["en", "fr"], params.audio, params.features, base_width=8, dropout=0.0).eval()
+    out = model(torch.randn(3, 1, params.features.n_mels, 301))
+    assert out["ai"].shape == (3, 2), "ai head: human / ai"
+    assert out["language"].shape == (3, 2), "language head has one class per language"
+    assert out["speakers"].shape == (3, 2), "speakers head: single / several"
+
+
+def test_full_width_matches_production_size(params):
+    model = new_model(["en"], params.audio, params.features, base_width=64, dropout=0.2)
+    n = sum(p.numel() for p in model.parameters())
+    assert 11.0e6 < n < 11.3e6, f"ResNet18 with three heads has ~11.2 M parameters (44 MB), got {n}"
+
+
+def test_checkpoint_round_trip_and_never_overwrites(params, tmp_path):
+    model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0).eval()
+    path = save_checkpoint(model, tmp_path / "m.pt", threshold=0.42)
+    loaded = load_checkpoint(path, params.audio, params.features)
+    x = torch.randn(2, 1, 80, 301)
+    assert torch.equal(model(x)["ai"], loaded(x)["ai"]), "a reloaded checkpoint must predict identically"
+    assert loaded.meta.threshold == 0.42, "metadata travels with the weights"
+    with pytest.raises(FileExistsError):
+        save_checkpoint(model, path)
+
+
+def test_checkpoint_with_other_features_is_refused(params, tmp_path):
+    model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    other = load_params("/nonexistent", overrides={"features.n_mels": 64})
+    with pytest.raises(CheckpointError, match="features.n_mels"):
+        load_checkpoint(path, other.audio, other.features)
+
+
+def test_garbage_and_pickled_objects_are_refused(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(junk)
+
+    torch.save({"format": "x", "obj": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def _production_like_state_dict(params, head_names=("fc_ai", "fc_lang", "fc_speakers"), prefix="module.backbone."):
+    """A state_dict laid out like a torchvision-based production model with its own head names."""
+    model = new_model(["en", "fr", "de"], params.audio, params.features, base_width=16, dropout=0.0)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("trunk."):
+            sd[prefix + k[len("trunk."):]] = v.clone()
+        else:
+            head, _, leaf = k[len("heads."):].partition(".")
+            new = dict(zip(("ai", "language", "speakers"), head_names))[head]
+            sd[f"{new}.{leaf}"] = v.clone()
+    return model, sd
+
+
+def test_import_foreign_state_dict(params, tmp_path):
+    original, sd = _production_like_state_dict(params)
+    torch.save(sd, tmp_path / "multitask_English.pt")
+    model, report = import_checkpoint(tmp_path / "multitask_English.pt", params, ["en", "fr", "de"])
+    assert report.ok and len(report.mapped) == len(sd), report.describe()
+    x = torch.randn(2, 1, 80, 301)
+    original.eval()
+    assert torch.allclose(original(x)["ai"], model(x)["ai"]), "imported model must predict like the original"
+    assert model.meta.base_width == 16 and model.meta.languages == ("en", "fr", "de")
+
+
+def test_import_reports_every_mismatch(params, tmp_path):
+    _, sd = _production_like_state_dict(params)
+    sd["extra_branch.weight"] = torch.zeros(3)
+    sd["fc_ai.weight"] = torch.zeros(3, 128)          # wrong shape: 3 classes
+    del sd["module.backbone.layer4.1.conv2.weight"]   # missing tensor
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(tmp_path / "bad.pt", params, ["en", "fr", "de"])
+    msg = str(err.value)
+    assert "extra_branch.weight" in msg, "unexpected keys are named"
+    assert "fc_ai.weight" in msg and "(3, 128)" in msg, "shape mismatches show both shapes"
+    assert "trunk.layer4.1.conv2.weight" in msg, "missing tensors are named"
+
+
+def test_import_needs_the_architecture(params, tmp_path):
+    torch.save({"linear.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="conv1"):
+        import_checkpoint(tmp_path / "other.pt", params)
