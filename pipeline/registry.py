@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import ModelVersion
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 

@@ -77,21 +77,21 @@ class Refresher(threading.Thread):
     def __init__(self, champion: Champion, every_s: float) -> None:
         super().__init__(name="champion-refresh", daemon=True)
         self.champion, self.every_s = champion, every_s
-        self._wake, self._stop = threading.Event(), threading.Event()
+        self._woken, self._stopping = threading.Event(), threading.Event()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._woken.set()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._stopping.set()
+        self._woken.set()
         self.join(timeout=10)
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.every_s)
-            self._wake.clear()
-            if not self._stop.is_set():
+        while not self._stopping.is_set():
+            self._woken.wait(self.every_s)
+            self._woken.clear()
+            if not self._stopping.is_set():
                 _refresh_logged(self.champion)
 
 

@@ -3,6 +3,7 @@
 Store: $MLFLOW_TRACKING_URI when set, else the local sqlite store `mlruns/mlflow.db`. For a sqlite
 store, artifacts go to `artifacts/` beside the database (so `mlruns/artifacts` by default) unless
 $AIVOICE_ARTIFACT_ROOT names another folder; a tracking server decides its own artifact root.
+Downloaded checkpoints are cached in `.cache/` beside a sqlite store ($AIVOICE_CACHE_DIR overrides).
 
 A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`) carrying the
 checkpoint file as its one artifact. Loading it needs this package installed, never the network.
@@ -32,6 +33,7 @@ from pipeline.model import ModelMeta, load_checkpoint
 
 DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
+CACHE_DIR_ENV = "AIVOICE_CACHE_DIR"
 CHECKPOINT_ARTIFACT = "checkpoint"
 _PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
 
@@ -54,15 +56,18 @@ def configure() -> MlflowClient:
 
 
 def artifact_root(uri: str) -> Path | None:
-    """Where a sqlite store keeps artifacts ($AIVOICE_ARTIFACT_ROOT or `artifacts/` beside the db); None for a server."""
-    if env := os.environ.get(ARTIFACT_ROOT_ENV):
-        return Path(env).resolve()
+    """Artifact root of a sqlite store: $AIVOICE_ARTIFACT_ROOT, else `artifacts/` beside the db. None for a server."""
     db = _sqlite_path(uri)
-    return None if db is None else db.parent / "artifacts"
+    if db is None:
+        return None
+    env = os.environ.get(ARTIFACT_ROOT_ENV)
+    return Path(env).resolve() if env else db.parent / "artifacts"
 
 
 def cache_dir(uri: str) -> Path:
-    """Local cache for downloaded checkpoints: `.cache/` beside a sqlite store, else a temp folder."""
+    """Cache for downloaded checkpoints: $AIVOICE_CACHE_DIR, else `.cache/` beside a sqlite store, else a temp folder."""
+    if env := os.environ.get(CACHE_DIR_ENV):
+        return Path(env).resolve()
     db = _sqlite_path(uri)
     return db.parent / ".cache" if db is not None else Path(tempfile.gettempdir()) / "aivoice-model-cache"
 

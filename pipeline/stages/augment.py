@@ -2,7 +2,7 @@
 
 New samples are the stored AI clips of `augment_stage.new_generators` (default: the AI generators
 of the latest ingest batch). Each gets `augment.copies` random 3 s crops, augmented (stretch,
-codec, band limit, gain, noise), written as float WAV beside an index.csv; the spectrogram part
+codec, band limit, gain, noise), written as 16-bit WAV beside an index.csv; the spectrogram part
 of the recipe (mel pitch shift, SpecAugment) is applied when the copies are embedded in finetune.
 Copy i of a clip is reproducible from (its sha256, i).
 """
@@ -52,7 +52,10 @@ def run(params: Params) -> dict:
         seed = int(row["sha256"][:8], 16)
         for i, copy in enumerate(augment_copies(wave, sr, cfg=params.augment, seed=seed, segment=seg)):
             name = f"{row['sha256'][:16]}_{i:02d}.wav"
-            sf.write(out / name, copy, sr, subtype="FLOAT")
+            peak = float(abs(copy).max())
+            # 16-bit PCM keeps the bytes reproducible (float WAV carries a timestamped PEAK chunk);
+            # scaling down a loud copy changes nothing downstream: log-mel features are gain-invariant
+            sf.write(out / name, copy * min(1.0, 0.99 / peak) if peak else copy, sr, subtype="PCM_16")
             index.append({"file": name, "sha256": row["sha256"], "generator": row["generator"], "copy": i})
     with (out / INDEX).open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "sha256", "generator", "copy"])
