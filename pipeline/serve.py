@@ -181,9 +181,9 @@ def _save_upload(file: UploadFile, path: Path, max_bytes: int, max_upload_mb: fl
             out.write(chunk)
 
 
-def serve(params: Params, config: ServeConfig = ServeConfig(), model_name: str = registry.DEFAULT_NAME) -> None:
-    """Run the service with uvicorn until interrupted."""
+def serve(params: Params, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = registry.DEFAULT_NAME,
+          refresh_s: float = 5.0, max_upload_mb: float = 50.0, device: str = "cpu") -> None:
+    """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields)."""
     import uvicorn
 
-    app = create_app(params, model_name, config.refresh_s, config.max_upload_mb, config.device)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.run(create_app(params, model_name, refresh_s, max_upload_mb, device), host=host, port=port, log_level="info")

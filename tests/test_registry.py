@@ -1,7 +1,6 @@
 """Registry, promotion log and model resolution against a real MLflow store (sqlite, and a real server)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
