@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q -m integration
 
 demo: setup
-	$(BIN)/python -m pipeline.demo
+	bash scripts/demo.sh
 
 clean:
 	rm -rf demo mlruns models reports/*.json

@@ -12,13 +12,13 @@ log = logging.getLogger("aivoice")
 
 
 def _cmd_detect(args, params) -> int:
+    from pipeline import registry
     from pipeline.audio import find_audio
     from pipeline.detect import detect_files, write_results
-    from pipeline.model import load_checkpoint
     from pipeline.scoring import Scorer
 
-    model_ref = args.model or params.detect.model
-    model = load_checkpoint(model_ref, params.audio, params.features)
+    model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
+    model_ref = _describe_model(resolved, params)
     threshold = args.threshold if args.threshold is not None else model.meta.threshold
     scorer = Scorer(model, params.audio, params.features, args.device)
     paths = find_audio(args.paths)
@@ -33,11 +33,17 @@ def _cmd_detect(args, params) -> int:
     return 1 if failed else 0
 
 
+def _describe_model(resolved, params) -> str:
+    if resolved.version is None:
+        return str(resolved.checkpoint_path)
+    return f"{params.registry.model_name} v{resolved.version}" + (f" (@{resolved.alias})" if resolved.alias else "")
+
+
 def _cmd_bootstrap(args, params) -> int:
     from pipeline.evaluate import GENERATOR_COLUMNS, format_table
-    from pipeline.train import bootstrap
+    from pipeline.stages.bootstrap import run
 
-    report = bootstrap(args.corpus, params, args.out, args.report)
+    report = run(params, args.corpus, args.out, args.report)
     val = report["validation"]
     print(f"checkpoint: {report['checkpoint']}  (data {report['data_hash']}, params {report['params_hash']})")
     print(f"validation ({report['n_val']} clips, speaker-disjoint): EER {val['overall']['eer']:.3f}  "
@@ -46,10 +52,12 @@ def _cmd_bootstrap(args, params) -> int:
     print("per generator (its AI clips against all human clips):\n" + format_table(val["per_generator"], GENERATOR_COLUMNS))
     print("per source:\n" + format_table(val["per_source"]))
     print(f"report: {args.report or params.train.report}")
+    print(f"registered {params.registry.model_name} v{report['model_version']} (MLflow run {report['mlflow_run_id']})")
     return 0
 
 
 def _cmd_import(args, params) -> int:
+    from pipeline import registry
     from pipeline.import_checkpoint import import_checkpoint
     from pipeline.model import save_checkpoint
 
@@ -58,7 +66,8 @@ def _cmd_import(args, params) -> int:
     out = Path(args.out or f"models/imported-{Path(args.file).stem}.pt")
     save_checkpoint(model, out)
     print(report.describe())
-    print(f"imported {args.file} -> {out}")
+    version = registry.register(out, name=params.registry.model_name, tags={"source": f"import of {args.file}"})
+    print(f"imported {args.file} -> {out}, registered {params.registry.model_name} v{version}")
     return 0
 
 
@@ -90,6 +99,72 @@ def _cmd_ingest(args, params) -> int:
     return 1 if report.rejected else 0
 
 
+def _cmd_promote(args, params) -> int:
+    from pipeline import registry
+
+    event = registry.promote(args.version, reason=args.reason, force=args.force, name=params.registry.model_name)
+    print(f"champion -> v{event['version']} (previous-champion v{event['previous']}); by {event['user']}: {event['reason']}")
+    return 0
+
+
+def _cmd_rollback(args, params) -> int:
+    from pipeline import registry
+
+    event = registry.rollback(args.to, reason=args.reason, name=params.registry.model_name)
+    print(f"champion -> v{event['version']} (rolled back from v{event['previous']}); by {event['user']}: {event['reason']}")
+    return 0
+
+
+def _cmd_models(args, params) -> int:
+    from pipeline import registry
+
+    name = params.registry.model_name
+    versions = registry.list_versions(name)
+    if not versions:
+        print(f"{name}: no registered versions yet (aivoice bootstrap or import-checkpoint registers the first)")
+        return 0
+    print(f"{'version':>7}  {'aliases':<28} {'validation':<10} {'eer':>6} {'fpr':>6} {'new_rec':>7} {'thresh':>6}  created")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"
+    for v in versions:
+        m = v["metrics"]
+        print(f"{v['version']:>7}  {','.join(v['aliases']) or '-':<28} {v['validation_status']:<10} "
+              f"{fmt(m.get('eer')):>6} {fmt(m.get('human_fpr')):>6} {fmt(m.get('new_gen_recall')):>7} "
+              f"{fmt(v['threshold']):>6}  {v['created']}")
+    print("\npromotion history:")
+    for e in registry.history(name):
+        print(f"  {e['at']}  {e['action']:<8} v{e['version']} (was v{e['previous'] or '-'})  {e['user']}: {e['reason']}"
+              + ("  [forced]" if e["forced"] else ""))
+    return 0
+
+
+def _cmd_export(args, params) -> int:
+    from pipeline import registry
+
+    resolved = registry.export_champion(args.path, params.registry.model_name)
+    print(f"{args.path}: {params.registry.model_name} v{resolved.version} (@champion)")
+    return 0
+
+
+def _cmd_serve(args, params) -> int:
+    from pipeline.serve import serve
+
+    cfg = params.serve.model_dump() | {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(params, **cfg, model_name=params.registry.model_name)
+    return 0
+
+
+def _cmd_ui(args, params) -> int:
+    import os
+    import subprocess
+
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", args.host, "--port", str(args.port)], env=os.environ)
+
+
 def _cmd_demo_corpus(args, params) -> int:
     from pipeline.demo_corpus import build_demo_corpus
 
@@ -107,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="score audio files or folders (recursive)")
     p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--model", help="checkpoint file (default: detect.model in params)")
+    p.add_argument("--model", help="alias, version, models:/ or runs:/ URI, or a checkpoint file (default: detect.model, champion)")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -136,6 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "test"), help="fix the split (default: drawn per file by hash)")
     p.set_defaults(func=_cmd_ingest)
 
+    p = sub.add_parser("promote", help="make a validated version champion (default: the challenger)")
+    p.add_argument("version", nargs="?", type=int)
+    p.add_argument("--reason", default="", help="why (required with --force)")
+    p.add_argument("--force", action="store_true", help="promote a version whose gates did not pass (recorded)")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("rollback", help="point champion back at previous-champion (or --to VERSION)")
+    p.add_argument("--to", type=int)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("models", help="registered versions, aliases, key metrics, gates and promotion history")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("export-champion", help="write the champion's checkpoint to a file (the DVC pipeline's production model)")
+    p.add_argument("path", nargs="?", default="models/production.pt", type=Path)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP service scoring with @champion (POST /detect, GET /health, GET /model)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("ui", help="MLflow UI on the tracking store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
     p = sub.add_parser("demo-corpus", help="build the small offline demo corpus")
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -148,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from pipeline.data import CorpusError
     from pipeline.model import CheckpointError
+    from pipeline.registry import RegistryError
 
     try:
         return args.func(args, load_params(args.params))
-    except (ParamsError, CorpusError, CheckpointError, FileExistsError) as err:
+    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError) as err:
         log.error("%s", err)
         return 2
 

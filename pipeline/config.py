@@ -115,7 +115,7 @@ class ModelConfig(Section):
 class DetectConfig(Section):
     """Scoring: sliding windows, aggregation and the default decision threshold."""
 
-    model: str = "models/base.pt"
+    model: str = Field("champion", description="registry alias, version, models:/ or runs:/ URI, or a checkpoint file")
     hop_s: float = Field(1.5, gt=0)
     aggregate: Literal["mean", "max"] = "mean"
     threshold: float = Field(0.5, ge=0, le=1)
@@ -200,6 +200,24 @@ class ValidateConfig(Section):
     gates: GatesConfig = GatesConfig()
 
 
+class RegistryConfig(Section):
+    """MLflow Model Registry: the registered model, the experiment of training runs, promotion mode."""
+
+    model_name: str = "ai-voice-detector"
+    experiment: str = "ai-voice-detector"
+    promotion: Literal["auto", "manual"] = Field("manual", description="auto: promote a challenger when its gates pass")
+
+
+class ServeConfig(Section):
+    """`aivoice serve`: bind address, upload limit, how often `champion` is re-checked, inference device."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    max_upload_mb: float = Field(50.0, gt=0)
+    refresh_s: float = Field(5.0, gt=0)
+    device: str = "cpu"
+
+
 class Params(Section):
     """Everything in params.yaml."""
 
@@ -213,6 +231,8 @@ class Params(Section):
     augment_stage: AugmentStageConfig = AugmentStageConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")  # `validate` in params.yaml
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ParamsError(ValueError):

@@ -57,6 +57,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return blob
 
 
+def _stored_languages(path: Path) -> list[str] | None:
+    """The language names an aivoice checkpoint carries in its metadata (None for a plain state_dict)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = blob.get("meta") if isinstance(blob, dict) else None
+    return list(meta["languages"]) if isinstance(meta, dict) and "languages" in meta else None
+
+
 def _strip(key: str) -> str:
     changed = True
     while changed:
@@ -100,6 +107,8 @@ def import_checkpoint(path: str | Path, params: Params, languages: list[str] | N
     """Build a Detector from a foreign state_dict; raise CheckpointError with the full report on any mismatch."""
     path = Path(path)
     source = read_state_dict(path)
+    if languages is None:
+        languages = _stored_languages(path)
     conv1 = next((v for k, v in source.items() if _strip(k) == "conv1.weight"), None)
     if conv1 is None or conv1.dim() != 4 or conv1.shape[1] != 1:
         raise CheckpointError(f"{path}: no 1-channel ResNet conv1.weight found; not this architecture")

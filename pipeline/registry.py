@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.config import Params, Section
+from pipeline.config import Params, RegistryConfig
 from pipeline.model import Detector, load_checkpoint
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -39,13 +39,6 @@ METRIC_TAGS = ("eer", "human_fpr", "new_gen_recall", "auc")
 _STATUS = {True: "passed", False: "failed", None: "none"}
 _ALIAS = re.compile(r"^[A-Za-z][\w-]*$")
 _EVENT_KEYS = ("at", "action", "version", "previous", "user", "reason", "forced")
-
-
-class RegistryConfig(Section):
-    """Registered model name and the experiment whose runs register checkpoints."""
-
-    model_name: str = "ai-voice-detector"
-    experiment: str = "ai-voice-detector"
 
 
 DEFAULT_NAME = RegistryConfig().model_name
@@ -71,14 +64,16 @@ class Resolved:
 def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | None = None,
              gates_passed: bool | None = None, name: str = DEFAULT_NAME, experiment: str | None = None) -> int:
     """Log the checkpoint as a pyfunc model in a run (`run_id`, the active run, or a new one in `experiment`),
-    register it as a new version of `name` with lineage and validation tags, and return its number.
+    register it as a new version of `name` with lineage and validation tags, and return its number. The
+    checkpoint file is stored once, as the model's artifact. Tag `failed_gates` to name them in refusals.
 
     The first version of a model becomes champion; later ones that passed the gates become challenger."""
     client = tracking.configure()
     meta = load_checkpoint(ckpt_path).meta  # refuses anything that is not a checkpoint
     lineage = tracking.lineage_tags(params_hash=meta.params_hash, data_hash=meta.data_hash)
-    version_tags = lineage | {"validation_status": _STATUS[gates_passed], "threshold": str(meta.threshold),
-                              "checkpoint": Path(ckpt_path).name} | {k: str(v) for k, v in (tags or {}).items()}
+    given = {k: str(v) for k, v in (tags or {}).items()}  # may override lineage, never the validation status
+    version_tags = lineage | given | {"validation_status": _STATUS[gates_passed], "threshold": str(meta.threshold),
+                                      "checkpoint": Path(ckpt_path).name}
     with _run(client, run_id, experiment or name):
         mlflow.set_tags(lineage)
         model_uri = tracking.log_checkpoint_model(ckpt_path)
@@ -343,3 +338,21 @@ def _whoami() -> str:
         return os.environ.get("USER") or getpass.getuser()
     except OSError:
         return "unknown"
+
+
+def export_champion(path: str | Path, name: str = DEFAULT_NAME) -> Resolved:
+    """Write the champion's checkpoint to `path` (the DVC pipeline's production model), rewriting it only
+    when the champion changed, so that an unchanged champion leaves `dvc repro` a no-op."""
+    resolved = resolve(CHAMPION, name)
+    path = Path(path)
+    if not path.exists() or not _same_bytes(path, resolved.checkpoint_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        shutil.copyfile(resolved.checkpoint_path, tmp)
+        tmp.replace(path)
+    return resolved
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)

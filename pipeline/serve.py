@@ -18,25 +18,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import Field
 
 from pipeline import registry
-from pipeline.config import Params, Section
+from pipeline.config import Params
 from pipeline.detect import detect_files
 from pipeline.scoring import Scorer
 
 log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024  # multipart framing around the file, allowed on top of the size limit
-
-
-class ServeConfig(Section):
-    """`aivoice serve`: bind address, upload limit, how often `champion` is re-checked, inference device."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, gt=0, lt=65536)
-    max_upload_mb: float = Field(50.0, gt=0)
-    refresh_s: float = Field(5.0, gt=0)
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
-from pipeline.config import AudioConfig, FeatureConfig, Params
+from pipeline.config import AudioConfig, FeatureConfig, Params, params_hash
 from pipeline.model import ModelMeta, load_checkpoint
 
 DEFAULT_STORE_DIR = Path("mlruns")
@@ -99,6 +101,31 @@ def _create_sqlite_store(uri: str, db: Path) -> None:
     root = artifact_root(uri)
     root.mkdir(parents=True, exist_ok=True)
     SqlAlchemyStore(uri, root.as_uri())
+
+
+FLOW_RUN_ENV = "AIVOICE_FLOW_RUN_ID"
+
+
+@contextmanager
+def training_run(params: Params, run_name: str, *, run_id: str | None = None, data_hash: str = "") -> Iterator:
+    """Start (or, given run_id, resume) an MLflow run in the registry's experiment. A new run gets the
+    flattened params, lineage tags and, when a Prefect flow runs it, the flow run id ($AIVOICE_FLOW_RUN_ID)."""
+    client = configure()
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(client, params.registry.experiment),
+                          run_name=None if run_id else run_name) as run:
+        if run_id is None:
+            mlflow.log_params(flatten_params(params))
+            tags = lineage_tags(params_hash=params_hash(params), data_hash=data_hash) | {"stage": run_name}
+            if flow_run := os.environ.get(FLOW_RUN_ENV):
+                tags["prefect_flow_run_id"] = flow_run
+            mlflow.set_tags(tags)
+        yield run
+
+
+def log_history(history: list[dict]) -> None:
+    """Per-epoch metrics of a training loop (every numeric key except `epoch`), stepped by epoch."""
+    for row in history:
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v == v}, step=int(row["epoch"]))
 
 
 def flatten_params(params: BaseModel) -> dict[str, str]:

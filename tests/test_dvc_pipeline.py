@@ -11,7 +11,8 @@ import yaml
 
 from pipeline.cli import main as aivoice
 from pipeline.config import load_params
-from pipeline.train import bootstrap
+from pipeline import registry
+from pipeline.stages.bootstrap import run as run_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,7 +27,7 @@ def _run(cmd, cwd):
 
 
 @pytest.fixture
-def dvc_project(tmp_path, monkeypatch, small_corpus):
+def dvc_project(tmp_path, monkeypatch, small_corpus, mlflow_store):
     """A fresh project repo: git + dvc init, the project's dvc.yaml, small params, a seeded store and a base model."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -43,7 +44,7 @@ def dvc_project(tmp_path, monkeypatch, small_corpus):
     _run(["dvc", "init", "-q"], tmp_path)
     assert aivoice(["ingest", "--corpus", str(small_corpus.root)]) == 0, "the starting corpus is ingested"
     p = load_params()
-    bootstrap("data/store", p, out="models/production.pt", report="reports/bootstrap.json")
+    run_bootstrap(p, "data/store", out="models/production.pt", report="reports/bootstrap.json")
     return tmp_path
 
 
@@ -65,6 +66,10 @@ def test_dvc_repro_runs_all_stages_then_is_a_no_op(dvc_project, small_corpus):
     assert {"candidate", "production"} <= set(metrics), "both models judged on the same data"
     assert (dvc_project / "reports" / "plots" / "roc_candidate.csv").exists(), "ROC data for dvc plots"
     assert (dvc_project / "dvc.lock").exists(), "dvc.lock records what the run produced"
+    assert verdict["model_version"] == 2, "the validated candidate is registered as a new version"
+    versions = {v["version"]: v for v in registry.list_versions()}
+    assert versions[2]["validation_status"] == ("passed" if verdict["passed"] else "failed"), versions[2]
+    assert "champion" in versions[1]["aliases"], "validation never moves champion"
     # and a second repro changes nothing
     again = _run(["dvc", "repro"], dvc_project)
     assert "Running stage" not in again, f"second repro must be a no-op:\n{again}"

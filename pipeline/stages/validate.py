@@ -5,6 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+import mlflow
+import pandas as pd
+
+from pipeline import registry, tracking
 from pipeline.config import Params
 from pipeline.model import load_checkpoint
 from pipeline.plots import write_plots
@@ -28,8 +32,33 @@ def run(params: Params) -> dict:
     write_json(cfg.metrics, metrics)
     write_plots({name: {"scores": m["scores"], "labels": m["labels"], "threshold": m["threshold"]}
                  for name, m in models.items()}, Path(cfg.plots))
-    write_json(cfg.verdict, result["verdict"])
-    return {"passed": result["verdict"]["passed"], "reasons": result["verdict"]["reasons"], "verdict": cfg.verdict}
+    verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"])
+    write_json(cfg.verdict, verdict)
+    return {"passed": verdict["passed"], "reasons": verdict["reasons"], "verdict": cfg.verdict,
+            "model_version": verdict["model_version"]}
+
+
+def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict) -> dict:
+    """Log the validation to the candidate's fine-tuning run and register it (challenger if it passed)."""
+    cfg = params.validation
+    cand = metrics["candidate"]
+    with tracking.training_run(params, "validate", run_id=run_id):
+        for name in ("candidate", "production"):
+            mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in metrics[name].items()
+                                if k in SUMMARY_KEYS and isinstance(v, (int, float)) and v == v})
+        mlflow.log_metrics({f"gate_{n}": float(g["passed"]) for n, g in verdict["gates"].items()})
+        mlflow.set_tag("validation_status", "passed" if verdict["passed"] else "failed")
+        mlflow.log_artifact(cfg.metrics)
+        mlflow.log_artifacts(cfg.plots, "plots")
+        mlflow.log_dict(verdict, "verdict.json")
+        mlflow.log_table(pd.DataFrame(verdict["before_after"]), "before_after.json")
+        failed = [n for n, g in verdict["gates"].items() if not g["passed"]]
+        version = registry.register(
+            params.finetune.out, run_id=run_id, name=params.registry.model_name, gates_passed=verdict["passed"],
+            tags={"eer": f"{cand['eer']:.4f}", "auc": f"{cand['auc']:.4f}", "human_fpr": f"{cand['fpr']:.4f}",
+                  "new_gen_recall": f"{cand['new_recall']:.4f}", "gates": json.dumps({n: g["passed"] for n, g in verdict["gates"].items()}),
+                  "failed_gates": ", ".join(failed) or "none", "source": "finetune"})
+    return {"model_version": version, "mlflow_run_id": run_id}
 
 
 def main(argv: list[str] | None = None) -> int:

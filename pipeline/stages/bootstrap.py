@@ -1,0 +1,46 @@
+"""Bootstrap: train a base model on a corpus folder, track it in MLflow and register it.
+
+Not a DVC stage (it starts the model line rather than updating it), but built like one:
+`run(params, corpus)` for the Prefect flow and the CLI, `main(argv)` for the command line.
+The first registered model becomes `champion`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+
+from pipeline import registry, tracking
+from pipeline.config import Params, load_params
+from pipeline.train import bootstrap
+
+
+def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None) -> dict:
+    """Train, log params/lineage/per-epoch and validation metrics/the report, register; return the report."""
+    with tracking.training_run(params, "bootstrap") as active:
+        result = bootstrap(corpus, params, out, report)
+        mlflow.set_tag("data_hash", result["data_hash"])
+        tracking.log_history(result["history"])
+        overall = result["validation"]["overall"]
+        mlflow.log_metrics({f"val_{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float)) and v == v})
+        mlflow.log_dict(result, "bootstrap_report.json")
+        version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
+                                    tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
+                                          "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap"})
+    return result | {"model_version": version, "mlflow_run_id": active.info.run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.bootstrap")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--corpus", required=True)
+    args = parser.parse_args(argv)
+    result = run(load_params(args.params), args.corpus)
+    print(f"registered v{result['model_version']} (run {result['mlflow_run_id']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
