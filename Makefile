@@ -34,3 +34,6 @@ demo: setup
 
 clean:
 	rm -rf demo mlruns models reports/*.json
+
+ui: $(STAMP)
+	$(BIN)/aivoice ui

@@ -1,15 +1,20 @@
 """Build a small, labelled, offline demo corpus of real human and synthetic speech.
 
-Human speech comes from the Asterisk IVR prompt packages in Debian (studio
-recordings by professional voices), fetched without root via ``apt-get download``
-and unpacked with ``dpkg-deb -x``. AI speech comes from espeak-ng, flite and
-festival speaking the prompt texts of those same packages, so wording is not a
-cue. A neural Piper voice is held aside as the "new generator" and a set of
-unseen human clips as a holdout; neither is in the manifest.
+Human speech comes from Debian packages, fetched without root via ``apt-get download`` and unpacked
+with ``dpkg-deb -x``: sentences from Asterisk IVR prompt packages (six professional voices, two of
+them stored GSM-coded) and volunteers' isolated words and letters from the KDE games KTuberling and
+KLettres (one speaker per language folder), joined into short phrases. Every training source
+(recording chain) gets an equal share of the human clips, so no single speaker dominates.
 
-Every clip goes through the same telephone channel (mono, 8 kHz, 300-3400 Hz,
-trimmed, padded, peak-normalised, common noise floor, PCM_16) so that format,
-bandwidth, level and digital silence are not cues either.
+AI speech comes from espeak-ng, flite and festival speaking the prompt texts. AI clip i takes the
+form of human training source i in turn (a sentence, a GSM-coded sentence, or single words joined
+with the same pause scheme), so neither wording, word joining nor the codec is a cue. A neural Piper
+voice is held aside as the "new generator" and clips of unseen human speakers as a holdout; neither
+is in the manifest.
+
+Every clip goes through the same telephone channel (mono, 8 kHz, 300-3400 Hz, trimmed, padded,
+peak-normalised, common noise floor, PCM_16) so that format, bandwidth, level and digital silence
+are not cues either.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
 import itertools
 import json
 import logging
@@ -47,16 +53,25 @@ FILTER_STAGES = 2  # cascaded biquads: 4th-order band edges
 PEAK = 0.7  # about -3 dBFS
 NOISE_DBFS = -66.0  # common noise floor so digital silence is not a cue
 PAD_S = 0.15  # silence kept around the speech of every clip
-HUMAN_DURATION_S = (1.5, 10.0)  # skip isolated words and very long menus
+HUMAN_DURATION_S = (1.5, 10.0)  # skip isolated words and very long menus among the prompts
 WORDS_PER_SENTENCE = (3, 25)
+WORD_DURATION_S = (0.2, 3.0)  # usable isolated words and letters (file length)
+PHRASE_WORDS = (3, 6)  # words joined into one phrase
+PHRASE_S = (2.5, 6.0)  # phrase length aimed at
+PAUSE_S = (0.15, 0.4)  # pause between joined words
+GSM = {"format": "RAW", "subtype": "GSM610", "samplerate": SAMPLE_RATE, "channels": 1}
+GSM_FRAME = (33, 160)  # bytes and samples of one GSM 06.10 frame
 WORKERS = 2
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 MANIFEST_COLUMNS = (
     "path", "label", "generator", "speaker", "language",
     "n_speakers", "duration_s", "sample_rate", "source", "license",
 )
-SOUNDS_DIR = Path("usr/share/asterisk/sounds")
+SOUNDS_DIR = "usr/share/asterisk/sounds"
+GAME_SOUNDS = {"ktuberling": "usr/share/ktuberling/sounds", "klettres": "usr/share/klettres"}
+WORD_SUFFIXES = {".ogg", ".opus", ".wav"}
+WORDLESS = ("tux-", "say-")  # KTuberling's laughs, sighs and snores
 SPEAKABLE = re.compile(r"^[\w\s.,;:!?'’\"«»–—-]+$")
 _PIPER_LOCK = threading.Lock()
 
@@ -76,16 +91,17 @@ class DemoCorpus:
 
 
 @dataclass(frozen=True)
-class HumanSource:
-    """A Debian package of recorded prompts by one speaker."""
+class HumanSpeaker:
+    """One human speaker's recordings in one Debian package."""
 
-    name: str
-    package: str
-    transcript_package: str
-    transcript_lang: str
-    speaker: str
+    source: str  # recording chain: the manifest source and folder prefix
+    speaker: str  # unique in the corpus
     language: str
+    package: str
+    sounds: str  # folder of the recordings inside the package
     license: str
+    transcript: str = ""  # package whose transcript names the prompts ("" for isolated words)
+    form: str = "sentence"  # "sentence", "gsm" (raw GSM 06.10 sentences) or "words" (joined into phrases)
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,7 @@ class Voice:
 
 @dataclass(frozen=True)
 class Prompt:
-    """One recorded human prompt and what it says."""
+    """One recording (a prompt, word or letter) and what it says (empty if unknown)."""
 
     name: str
     path: Path
@@ -124,47 +140,74 @@ class Clip:
     in_manifest: bool = True
 
 
-def _asterisk(lang: str, speaker: str, language: str, license_: str) -> HumanSource:
-    return HumanSource(
-        f"asterisk-{lang}", f"asterisk-core-sounds-{lang}-wav",
-        f"asterisk-core-sounds-{lang}", lang, speaker, language, license_,
-    )
+def _core(lang: str, speaker: str, folder: str, license_: str) -> HumanSpeaker:
+    """A voice of the Asterisk core sounds; folder is e.g. en_US_f_Allison."""
+    language = "-".join(folder.split("_")[:2])
+    return HumanSpeaker(f"asterisk-{lang}", speaker, language, f"asterisk-core-sounds-{lang}-wav",
+                        f"{SOUNDS_DIR}/{folder}", license_, f"asterisk-core-sounds-{lang}")
 
 
-# Training speakers, keyed by primary language subtag.
-HUMAN_SOURCES = {
-    "en": _asterisk("en", "allison", "en-US", "CC-BY-SA-3.0"),
-    "fr": _asterisk("fr", "june", "fr-CA", "CC-BY-SA-3.0"),
-    "es": _asterisk("es", "allison", "es-MX", "CC-BY-SA-3.0"),
-    "it": _asterisk("it", "carlo", "it-IT", "CC-BY-3.0"),
-    "ru": _asterisk("ru", "ivrvoice-ru", "ru-RU", "CC-BY-3.0"),
+def _volunteer(game: str, folder: str) -> HumanSpeaker:
+    """The volunteer of one language folder of a KDE game (KTuberling: words, KLettres: letters, syllables)."""
+    lang = folder.replace("_", "-")
+    return HumanSpeaker(game, f"{game}-{lang}", lang, f"{game}-data", f"{GAME_SOUNDS[game]}/{folder}",
+                        "GPL-2.0-or-later", form="words")
+
+
+CORE = {
+    "en": _core("en", "allison", "en_US_f_Allison", "CC-BY-SA-3.0"),
+    "fr": _core("fr", "june", "fr_CA_f_June", "CC-BY-SA-3.0"),
+    "it": _core("it", "carlo", "it_IT_m_Carlo", "CC-BY-3.0"),
+    "ru": _core("ru", "ivrvoice-ru", "ru_RU_f_IvrvoiceRU", "CC-BY-3.0"),
 }
-# Held-out human clips per source: an unseen speaker (own package) and unseen files of a seen one.
+ES_CO = HumanSpeaker("asterisk-es-co", "july-jimenez", "es-CO", "asterisk-prompt-es-co", f"{SOUNDS_DIR}/es",
+                     "GPL-2.0-only", "asterisk-core-sounds-es", "gsm")
+FR_ARMELLE = HumanSpeaker("asterisk-fr-armelle", "armelle", "fr-FR", "asterisk-prompt-fr-armelle",
+                          f"{SOUNDS_DIR}/fr", "BSD-3-Clause-like (Michel Gutierrez)", "asterisk-core-sounds-fr", "gsm")
+# Folders with a single sample rate (one recording session); Serbian variants share one recording.
+KTUBERLING = ("da", "de", "el", "en", "fi", "ga", "gl", "it", "lt", "nds", "nn", "pt", "ro", "sl", "sr", "sv",
+              "uk", "wa")
+KLETTRES = ("ar", "cs", "da", "de", "en", "es", "fr", "he", "hu", "it", "lt", "ml", "nb", "nds", "nl", "pt_BR",
+            "tn", "uk")
+# Training sources, one group of speakers each, ordered so that the forms interleave.
+TRAINING = (
+    (CORE["en"],),
+    tuple(_volunteer("ktuberling", f) for f in KTUBERLING),
+    (ES_CO,),
+    (CORE["fr"],),
+    tuple(_volunteer("klettres", f) for f in KLETTRES),
+    (FR_ARMELLE,),
+    (CORE["it"],),
+    (CORE["ru"],),
+)
+# Held-out human clips: speakers never trained on (the Russian volunteers of both games are left out).
 HOLDOUT = {
-    HumanSource(
-        "asterisk-it-menardi", "asterisk-prompt-it-menardi-wav", "asterisk-core-sounds-it",
-        "it", "menardi", "it-IT", "CC-BY-SA-3.0-IT",
-    ): 15,
-    HUMAN_SOURCES["en"]: 15,
+    HumanSpeaker("asterisk-it-menardi", "menardi", "it-IT", "asterisk-prompt-it-menardi-wav",
+                 f"{SOUNDS_DIR}/it_IT_f_Menardi", "CC-BY-SA-3.0-IT", "asterisk-core-sounds-it"): 15,
+    _volunteer("ktuberling", "ru"): 5,
+    _volunteer("klettres", "ru"): 5,
+    _volunteer("klettres", "en_GB"): 5,
 }
 N_HOLDOUT = sum(HOLDOUT.values())
+# Whose prompt transcripts give the AI voices their words, by primary language subtag.
+TEXT = {"en": CORE["en"], "fr": CORE["fr"], "es": ES_CO, "it": CORE["it"], "ru": CORE["ru"]}
 
-# Languages are interleaved so that small corpora still mix them.
+# Languages are interleaved so that small corpora still mix them; sexes are mixed as on the human side.
 ESPEAK_VOICES = tuple(
     Voice("espeak-ng", v, v, lang, "espeak-ng", "GPL-3.0-or-later")
     for v, lang in (
-        ("en-us", "en-US"), ("fr+f4", "fr-FR"), ("en-us+f3", "en-US"), ("es-419+m3", "es-419"),
-        ("en-gb-x-rp", "en-GB"), ("it+f2", "it-IT"), ("en-gb-scotland+f2", "en-GB"), ("ru+m2", "ru-RU"),
+        ("fr+f4", "fr-FR"), ("es-419+f3", "es-419"), ("it+f2", "it-IT"), ("ru+m2", "ru-RU"),
+        ("en-us+f3", "en-US"), ("fr+m3", "fr-FR"), ("es+f5", "es-ES"), ("en-gb-x-rp+m1", "en-GB"),
     )
 )
 FLITE_VOICES = tuple(
     Voice("flite", v, v, lang, f"flite-{v}", "BSD-style (CMU Flite)")
-    for v, lang in (("kal", "en-US"), ("slt", "en-US"), ("rms", "en-US"), ("awb", "en-GB"))
+    for v, lang in (("slt", "en-US"), ("kal", "en-US"), ("slt", "en-US"), ("awb", "en-GB"), ("rms", "en-US"))
 )
 FESTIVAL_VOICES = (
-    Voice("festival", "voice_kal_diphone", "kal", "en-US", "festival-kal", "BSD-style (festvox-kallpc16k)"),
     Voice("festival", "voice_cmu_us_slt_arctic_hts", "slt", "en-US", "festival-slt",
           "BSD-style (CMU ARCTIC, EST-2003)"),
+    Voice("festival", "voice_kal_diphone", "kal", "en-US", "festival-kal", "BSD-style (festvox-kallpc16k)"),
 )
 ENGINES = {"espeak-ng": ESPEAK_VOICES, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES}
 PIPER_VOICE = Voice("piper", "joe", "joe", "en-US", "piper-joe", "CC0-1.0 (voice), GPL-3.0-or-later (piper-tts)")
@@ -216,22 +259,20 @@ def build_demo_corpus(
     piper_voice = _load_piper() if n_new else None
     started = time.monotonic()
     _clear(corpus)
-    ai_voices = {engine: [voices[i % len(voices)] for i in range(n_ai_per_engine)]
-                 for engine, voices in ENGINES.items()}
-    quotas = _human_quotas(n_human, [v.language for vs in ai_voices.values() for v in vs])
-    sources = _needed_sources(ai_voices, quotas)
+    counts = _human_counts(n_human, seed)
+    plan = _ai_plan(n_ai_per_engine)
+    speakers = _needed_speakers(counts, plan)
     work = out_dir / ".cache/work"  # unpacked packages and scratch files, removed after the build
     try:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            packages = [p for s in sources for p in (s.package, s.transcript_package)]
+            packages = [p for s in speakers for p in (s.package, s.transcript) if p]
             roots = _fetch_packages(list(dict.fromkeys(packages)), out_dir / ".cache/debs", work, pool)
-            prompts = {
-                s.name: _shuffled(_eligible_prompts(s, roots), f"{seed}:{s.name}") for s in sources}
+            material = {s.speaker: _material(s, roots, seed) for s in speakers}
             clips = (
-                _human_clips(corpus, quotas, prompts)
-                + _holdout_clips(corpus, prompts)
-                + _ai_clips(corpus, ai_voices, prompts, seed, work)
-                + _new_generator_clips(corpus, piper_voice, n_new, prompts, seed)
+                _human_clips(corpus, counts, material, seed)
+                + _holdout_clips(corpus, material, seed)
+                + _ai_clips(corpus, plan, material, seed, work)
+                + _new_generator_clips(corpus, piper_voice, n_new, material, seed)
             )
             rows = [row for row in pool.map(partial(_produce, root=out_dir, seed=seed), clips) if row]
     finally:
@@ -282,24 +323,33 @@ def _load_piper() -> Any:
     return PiperVoice.load(model_path(), config_path())
 
 
-def _human_quotas(n_human: int, ai_languages: list[str]) -> dict[str, int]:
-    """Split n_human over languages in the same proportions as the AI clips (largest remainder)."""
-    counts = {lang: sum(_lang(language) == lang for language in ai_languages) for lang in HUMAN_SOURCES}
-    if not any(counts.values()):
-        counts["en"] = 1
-    shares = {lang: n_human * c / sum(counts.values()) for lang, c in counts.items()}
-    quotas = {lang: int(share) for lang, share in shares.items()}
-    by_remainder = sorted(shares, key=lambda lang: shares[lang] - quotas[lang], reverse=True)
-    for lang in by_remainder[: n_human - sum(quotas.values())]:
-        quotas[lang] += 1
-    return quotas
+def _split(n: int, k: int) -> list[int]:
+    """n split into k near-equal parts, larger parts first."""
+    return [n // k + (i < n % k) for i in range(k)]
 
 
-def _needed_sources(ai_voices: dict[str, list[Voice]], quotas: dict[str, int]) -> list[HumanSource]:
-    """Human sources whose recordings or transcripts this build uses."""
-    spoken = [v.language for vs in ai_voices.values() for v in vs] + [PIPER_VOICE.language]
-    needed = [HUMAN_SOURCES[_lang(language)] for language in spoken]
-    needed += [HUMAN_SOURCES[lang] for lang, n in quotas.items() if n] + list(HOLDOUT)
+def _human_counts(n_human: int, seed: int) -> dict[HumanSpeaker, int]:
+    """Clips per training speaker: an equal share per source, spread over its speakers in seeded order."""
+    counts = {}
+    for group, quota in zip(TRAINING, _split(n_human, len(TRAINING))):
+        speakers = random.Random(f"{seed}:{group[0].source}").sample(group, len(group))
+        counts.update(zip(speakers, _split(quota, len(speakers))))
+    return counts
+
+
+def _ai_plan(n_ai_per_engine: int) -> dict[str, list[tuple[Voice, str]]]:
+    """Voice and form of each AI clip; clip i takes the form of training source i in turn, and the
+    voices shift by one every round so that each voice gets every form."""
+    forms = [group[0].form for group in TRAINING]
+    return {engine: [(voices[(i + i // len(forms)) % len(voices)], forms[i % len(forms)])
+                     for i in range(n_ai_per_engine)]
+            for engine, voices in ENGINES.items()}
+
+
+def _needed_speakers(counts: dict[HumanSpeaker, int], plan: dict[str, list[tuple[Voice, str]]]) -> list[HumanSpeaker]:
+    """Human speakers whose recordings or transcripts this build uses."""
+    spoken = {_lang(v.language) for items in plan.values() for v, _ in items} | {_lang(PIPER_VOICE.language)}
+    needed = [s for s, n in counts.items() if n] + list(HOLDOUT) + [TEXT[lang] for lang in sorted(spoken)]
     return list(dict.fromkeys(needed))
 
 
@@ -309,25 +359,49 @@ def _shuffled(items: list[Prompt], key: str) -> list[Prompt]:
     return items
 
 
-def _eligible_prompts(source: HumanSource, roots: dict[str, Path]) -> list[Prompt]:
+def _material(speaker: HumanSpeaker, roots: dict[str, Path], seed: int) -> list[Prompt]:
+    """A speaker's usable recordings in seeded order."""
+    items = _words(speaker, roots) if speaker.form == "words" else _eligible_prompts(speaker, roots)
+    return _shuffled(items, f"{seed}:{speaker.speaker}")
+
+
+def _eligible_prompts(speaker: HumanSpeaker, roots: dict[str, Path]) -> list[Prompt]:
     """Prompts that are transcribed speech (not tones) of a useful duration."""
-    sounds = next((roots[source.package] / SOUNDS_DIR).iterdir())
-    texts = _transcript(source, roots[source.transcript_package])
+    sounds = roots[speaker.package] / speaker.sounds
+    suffix = ".gsm" if speaker.form == "gsm" else ".wav"
     low, high = HUMAN_DURATION_S
     prompts = []
-    for name, text in texts.items():
-        path = sounds / f"{name}.wav"
-        if not text.startswith("[") and path.exists() and low <= sf.info(path).duration <= high:
+    for name, text in _transcript(speaker.transcript, roots[speaker.transcript]).items():
+        path = sounds / f"{name}{suffix}"
+        if not text.startswith("[") and path.exists() and low <= _duration(path) <= high:
             prompts.append(Prompt(name, path, text))
     if not prompts:
-        raise DemoCorpusError(f"no usable prompts found in {source.package}")
+        raise DemoCorpusError(f"no usable prompts found in {speaker.package}")
     return prompts
 
 
-def _transcript(source: HumanSource, root: Path) -> dict[str, str]:
+def _words(speaker: HumanSpeaker, roots: dict[str, Path]) -> list[Prompt]:
+    """A volunteer's isolated words or letters of a useful duration."""
+    folder = roots[speaker.package] / speaker.sounds
+    low, high = WORD_DURATION_S
+    words = [Prompt(p.relative_to(folder).with_suffix("").as_posix(), p, "") for p in sorted(folder.rglob("*"))
+             if p.suffix in WORD_SUFFIXES and not p.name.startswith(WORDLESS) and low <= _duration(p) <= high]
+    if len(words) < PHRASE_WORDS[1]:
+        raise DemoCorpusError(f"only {len(words)} usable words in {speaker.package}:{speaker.sounds}")
+    return words
+
+
+def _duration(path: Path) -> float:
+    if path.suffix == ".gsm":
+        frame_bytes, frame_samples = GSM_FRAME
+        return path.stat().st_size // frame_bytes * frame_samples / SAMPLE_RATE
+    return sf.info(path).duration
+
+
+def _transcript(package: str, root: Path) -> dict[str, str]:
     """Map prompt name (e.g. "vm-intro", "dictate/paused") to its text."""
-    doc = root / "usr/share/doc" / source.transcript_package
-    path = doc / f"core-sounds-{source.transcript_lang}.txt.gz"
+    lang = package.rsplit("-", 1)[1]
+    path = root / "usr/share/doc" / package / f"core-sounds-{lang}.txt.gz"
     texts = {}
     with gzip.open(path, "rt", encoding="utf-8-sig") as f:
         for line in f:
@@ -362,67 +436,100 @@ def _run(cmd: list[str], error: str, cwd: Path | None = None) -> None:
         raise DemoCorpusError(f"{error}: {detail}")
 
 
-def _human_clips(corpus: DemoCorpus, quotas: dict[str, int], prompts: dict[str, list[Prompt]]) -> list[Clip]:
+def _human_clips(corpus: DemoCorpus, counts: dict[HumanSpeaker, int], material: dict[str, list[Prompt]],
+                 seed: int) -> list[Clip]:
     clips = []
-    for lang, quota in quotas.items():
-        if not quota:
-            continue
-        source = HUMAN_SOURCES[lang]
-        available = prompts[source.name][: -HOLDOUT.get(source, 0) or None]
-        if len(available) < quota:
-            raise DemoCorpusError(
-                f"{source.package} has only {len(available)} usable prompts, {quota} requested")
-        folder = corpus.root / "human" / f"{source.name}__{source.speaker}"
-        clips += [_human_clip(folder / f"{_safe(p.name)}.wav", source, p) for p in available[:quota]]
+    for speaker, count in counts.items():
+        folder = corpus.root / "human" / f"{speaker.source}__{speaker.speaker}"
+        for name, render in _recordings(speaker, material, count, seed):
+            clips.append(_human_clip(folder / f"{name}.wav", speaker, render))
     return clips
 
 
-def _holdout_clips(corpus: DemoCorpus, prompts: dict[str, list[Prompt]]) -> list[Clip]:
-    """Held-out human clips, taken from the end of each shuffled list so they never overlap training."""
+def _holdout_clips(corpus: DemoCorpus, material: dict[str, list[Prompt]], seed: int) -> list[Clip]:
     clips = []
-    for source, count in HOLDOUT.items():
-        for p in prompts[source.name][::-1][:count]:
-            dest = corpus.human_holdout_dir / f"{source.name}__{source.speaker}__{_safe(p.name)}.wav"
-            clips.append(_human_clip(dest, source, p, in_manifest=False))
+    for speaker, count in HOLDOUT.items():
+        for name, render in _recordings(speaker, material, count, seed):
+            dest = corpus.human_holdout_dir / f"{speaker.source}__{speaker.speaker}__{name}.wav"
+            clips.append(_human_clip(dest, speaker, render, in_manifest=False))
     return clips
 
 
-def _human_clip(dest: Path, source: HumanSource, prompt: Prompt, in_manifest: bool = True) -> Clip:
-    return Clip(dest, "human", "human", source.speaker, source.language, source.name, source.license,
-                partial(_read_audio, prompt.path), in_manifest)
+def _recordings(speaker: HumanSpeaker, material: dict[str, list[Prompt]], count: int,
+                seed: int) -> list[tuple[str, Callable[[], tuple[np.ndarray, int]]]]:
+    """(file name, render) of a speaker's first `count` prompts, or of `count` phrases of its words."""
+    if not count:
+        return []
+    items = material[speaker.speaker]
+    if speaker.form != "words":
+        if len(items) < count:
+            raise DemoCorpusError(f"{speaker.package} has only {len(items)} usable prompts, {count} requested")
+        return [(_safe(p.name), partial(_read_audio, p.path)) for p in items[:count]]
+    n = PHRASE_WORDS[1]
+    phrases = [[items[(j * n + k) % len(items)] for k in range(n)] for j in range(count)]
+    return [(f"phrase-{j:02d}", partial(_joined, [partial(_read_audio, w.path) for w in words],
+                                        f"{seed}:{speaker.speaker}:{j}"))
+            for j, words in enumerate(phrases)]
 
 
-def _sentences(prompts: dict[str, list[Prompt]], language: str, key: str) -> Iterator[Prompt]:
-    """Endless seeded stream of speakable prompt texts of one language."""
+def _human_clip(dest: Path, speaker: HumanSpeaker, render: Callable[[], tuple[np.ndarray, int]],
+                in_manifest: bool = True) -> Clip:
+    return Clip(dest, "human", "human", speaker.speaker, speaker.language, speaker.source, speaker.license,
+                render, in_manifest)
+
+
+def _speakable(material: dict[str, list[Prompt]], language: str) -> list[Prompt]:
+    """Prompts of one language whose text a TTS engine can read as a sentence."""
     low, high = WORDS_PER_SENTENCE
-    pool = [p for p in prompts[HUMAN_SOURCES[_lang(language)].name]
+    pool = [p for p in material[TEXT[_lang(language)].speaker]
             if SPEAKABLE.match(p.text) and low <= len(p.text.split()) <= high]
     if not pool:
         raise DemoCorpusError(f"no speakable {language} sentences in the transcripts")
-    return itertools.cycle(_shuffled(pool, key))
+    return pool
 
 
-def _ai_clips(corpus: DemoCorpus, ai_voices: dict[str, list[Voice]], prompts: dict[str, list[Prompt]],
+def _sentences(material: dict[str, list[Prompt]], language: str, key: str) -> Iterator[Prompt]:
+    """Endless seeded stream of speakable prompts of one language."""
+    return itertools.cycle(_shuffled(_speakable(material, language), key))
+
+
+def _single_words(material: dict[str, list[Prompt]], language: str, key: str) -> Iterator[str]:
+    """Endless seeded stream of the distinct words of those prompts."""
+    words = sorted({w for p in _speakable(material, language) for w in re.findall(r"[^\W\d_]{2,}", p.text)})
+    return itertools.cycle(random.Random(key).sample(words, len(words)))
+
+
+def _ai_clips(corpus: DemoCorpus, plan: dict[str, list[tuple[Voice, str]]], material: dict[str, list[Prompt]],
               seed: int, work: Path) -> list[Clip]:
     clips = []
-    for engine, voices in ai_voices.items():
-        streams: dict[str, Iterator[Prompt]] = {}
-        for i, voice in enumerate(voices):
-            if voice.language not in streams:
-                key = f"{seed}:{engine}:{voice.language}"
-                streams[voice.language] = _sentences(prompts, voice.language, key)
-            prompt = next(streams[voice.language])
-            folder = corpus.root / "ai" / f"{engine}__{_safe(voice.speaker)}"
-            dest = folder / f"{i:03d}-{_safe(prompt.name)}.wav"
+    for engine, items in plan.items():
+        sentences: dict[str, Iterator[Prompt]] = {}
+        words: dict[str, Iterator[str]] = {}
+        for i, (voice, form) in enumerate(items):
+            lang = voice.language
+            if lang not in sentences:
+                key = f"{seed}:{engine}:{lang}"
+                sentences[lang], words[lang] = _sentences(material, lang, key), _single_words(material, lang, key)
+            synth = partial(_synthesize, voice, work=work)
+            if form == "words":
+                texts = [next(words[lang]) for _ in range(PHRASE_WORDS[1])]
+                name = f"phrase-{_safe(texts[0])}"
+                render = partial(_joined, [partial(synth, t) for t in texts], f"{seed}:{engine}:{i}")
+            else:
+                prompt = next(sentences[lang])
+                name, render = _safe(prompt.name), partial(synth, prompt.text)
+                if form == "gsm":
+                    render = partial(_gsm, render)
+            dest = corpus.root / "ai" / f"{engine}__{_safe(voice.speaker)}" / f"{i:03d}-{name}.wav"
             clips.append(Clip(dest, "ai", voice.generator, voice.speaker, voice.language, engine, voice.license,
-                              partial(_synthesize, voice, prompt.text, work)))
+                              render))
     return clips
 
 
 def _new_generator_clips(corpus: DemoCorpus, piper_voice: Any, n_new: int,
-                         prompts: dict[str, list[Prompt]], seed: int) -> list[Clip]:
+                         material: dict[str, list[Prompt]], seed: int) -> list[Clip]:
     v = PIPER_VOICE
-    stream = _sentences(prompts, v.language, f"{seed}:{v.engine}")
+    stream = _sentences(material, v.language, f"{seed}:{v.engine}")
     clips = []
     for i in range(n_new):
         prompt = next(stream)
@@ -437,7 +544,8 @@ def _safe(name: str) -> str:
 
 
 def _read_audio(path: Path) -> tuple[np.ndarray, int]:
-    audio, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    codec = GSM if path.suffix == ".gsm" else {}
+    audio, sample_rate = sf.read(path, dtype="float32", always_2d=True, **codec)
     return audio.mean(axis=1), sample_rate
 
 
@@ -456,6 +564,42 @@ def _synthesize_piper(piper_voice: Any, text: str) -> tuple[np.ndarray, int]:
     with _PIPER_LOCK:  # piper's embedded espeak-ng phonemizer is not thread-safe
         chunks = list(piper_voice.synthesize(text))
     return np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate
+
+
+def _resampled(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    return AF.resample(x, sample_rate, SAMPLE_RATE).numpy()
+
+
+def _gsm(render: Callable[[], tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
+    """Render, then code with GSM 06.10 at 8 kHz, as two human prompt packages are stored."""
+    x = _resampled(*render())
+    buffer = io.BytesIO()
+    sf.write(buffer, 0.5 * x / max(float(np.abs(x).max()), 1e-9), format="RAW", subtype="GSM610",
+             samplerate=SAMPLE_RATE)
+    buffer.seek(0)
+    return sf.read(buffer, dtype="float32", **GSM)[0], SAMPLE_RATE
+
+
+def _joined(words: list[Callable[[], tuple[np.ndarray, int]]], key: str) -> tuple[np.ndarray, int]:
+    """Join isolated words of one speaker into a phrase: each word trimmed and peak-normalised, seeded
+    pauses of PAUSE_S between them (the channel adds the noise floor), PHRASE_WORDS words of about
+    PHRASE_S seconds in all."""
+    rng = random.Random(key)
+    min_words = PHRASE_WORDS[0]
+    min_length, max_length = (round(s * SAMPLE_RATE) for s in PHRASE_S)
+    parts: list[np.ndarray] = []  # pause, word, pause, word, ...
+    for render in words:
+        word = _trim(_resampled(*render()))
+        pause = np.zeros(round(rng.uniform(*PAUSE_S) * SAMPLE_RATE) if parts else 0, np.float32)
+        length = sum(map(len, parts)) + len(pause) + len(word)
+        n_words = len(parts) // 2
+        if n_words >= min_words and length > max_length:
+            break
+        parts += [pause, word / max(float(np.abs(word).max()), 1e-9)]
+        if n_words + 1 >= min_words and length >= min_length:
+            break
+    return np.concatenate(parts), SAMPLE_RATE
 
 
 def to_telephone(audio: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:

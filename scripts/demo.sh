@@ -3,7 +3,7 @@
 # Run through `make demo` (which sets up the venv and system packages first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH"
+export PATH="$PWD/.venv/bin:$PATH" MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
@@ -14,20 +14,20 @@ step "2. Version it: ingest into the DVC-tracked store (re-ingesting is a no-op)
 run aivoice ingest --corpus demo/corpus
 run aivoice ingest demo/corpus/human_holdout --label human --generator human --split test
 
-step "3. Train the base model (trunk + all heads) with a speaker-disjoint validation split"
+step "3. Train the base model (trunk + all heads), track it in MLflow, register it (v1 becomes champion)"
 if [ ! -f models/base.pt ]; then
   run aivoice bootstrap --corpus data/store --out models/base.pt
 else
   echo "models/base.pt exists: kept (models are never overwritten)"
 fi
-[ -f models/production.pt ] || run cp models/base.pt models/production.pt
 
-step "4. The base model on the held-aside neural voice (piper) and on unseen human speakers"
-run aivoice detect demo/corpus/new_generator demo/corpus/human_holdout --model models/production.pt || true
+step "4. The champion on the held-aside neural voice (piper) and on unseen human speakers"
+run aivoice detect demo/corpus/new_generator demo/corpus/human_holdout || true
 
 step "5. Two clips of the new voice arrive: drop them into data/incoming and reproduce the pipeline"
 mkdir -p data/incoming/ai/piper-joe
 for f in $(ls demo/corpus/new_generator/*.wav | head -n 2); do cp -n "$f" data/incoming/ai/piper-joe/; done
+run aivoice export-champion models/production.pt
 run dvc repro
 
 step "6. The verdict (reports/verdict.json) and the metrics against production"
@@ -45,12 +45,24 @@ for r in v["before_after"]:
 PY
 run dvc metrics show
 
-step "7. The candidate on the other clips of the new voice and on unseen humans"
-run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) demo/corpus/human_holdout --model models/candidate.pt || true
+step "7. Promotion goes through the gates: only a version that passed them becomes champion"
+if run aivoice promote --reason "demo: passed validation gates"; then
+  step "8. The new champion on the other clips of the new voice and on unseen humans"
+  run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) demo/corpus/human_holdout || true
+  step "9. Roll back in one command: champion points at the previous version again, scores change back"
+  run aivoice rollback --reason "demo: show the rollback"
+  run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) || true
+else
+  echo "the candidate stays a registered version with validation_status=failed; champion is unchanged"
+fi
+
+step "10. Every version stays in the registry, with its gates and the promotion history"
+run aivoice models
 
 cat <<'TXT'
 
 Where to look next:
-  reports/verdict.json, reports/metrics.json, reports/plots/*.png   the candidate against production
-  dvc metrics show / dvc plots show                                  the same through DVC
+  make ui                      MLflow UI (runs, metrics, plots, the registry and its aliases) on mlruns/
+  dvc metrics show; dvc plots show   the candidate against production, through DVC
+  reports/verdict.json, reports/metrics.json, reports/plots/*.png
 TXT

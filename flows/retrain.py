@@ -1,0 +1,224 @@
+"""The `retrain` flow: a new candidate from new samples, judged against the champion, promoted or not.
+
+    export_champion -> ingest -> augment -> finetune -> validate -> promote -> report
+
+- export_champion writes the registry's champion to `finetune.base_model` (models/production.pt), so
+  the DVC pipeline always fine-tunes and judges against what production serves.
+- Each stage runs THROUGH DVC (`dvc repro --single-item <stage>`): dvc.lock stays the record of what
+  produced what, and a stage whose inputs did not change is skipped. The validate stage registers the
+  candidate (challenger if its gates passed) and writes reports/verdict.json.
+- promote reads the verdict: passed + auto -> the challenger becomes champion; passed + manual -> it
+  stays challenger for a person to promote; failed -> nothing moves. The report says which and why.
+
+Only export_champion and promote talk to the tracking server from this process: they retry transient
+faults (flows.common). A bad params.yaml, a failed gate or a stage that exits non-zero fails at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
+from pipeline import registry
+from pipeline.config import load_params
+
+STAGES = ("ingest", "augment", "finetune", "validate")
+DEFAULT_REASON = "retrain flow: candidate passed every validation gate"
+SUMMARY_METRICS = ("eer", "auc", "fpr", "recall", "new_recall", "threshold", "n_test", "n_new")
+
+
+class RetrainParams(BaseModel):
+    """What a run of `retrain` needs; a form in the Prefect UI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params_file: str = Field("params.yaml", description="settings file, relative to the project root")
+    repo: str = Field(".", description="project root: dvc.yaml, params.yaml and the .dvc folder")
+    promote: Literal["auto", "manual"] | None = Field(
+        None, description="auto: promote a candidate that passed; manual: leave it challenger; empty: registry.promotion")
+    reason: str = Field(DEFAULT_REASON, description="recorded with the promotion")
+
+
+class StageError(RuntimeError):
+    """A DVC stage exited non-zero (deterministic: not retried)."""
+
+
+class RetrainError(RuntimeError):
+    """The pipeline's outputs do not say what the flow needs (deterministic: not retried)."""
+
+
+@task(name="export-champion", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def export_champion(path: str, model_name: str) -> dict:
+    """The champion's checkpoint -> finetune.base_model (rewritten only when the champion changed)."""
+    resolved = registry.export_champion(path, model_name)
+    get_run_logger().info("champion %s v%s -> %s", model_name, resolved.version, path)
+    return {"version": resolved.version, "path": path}
+
+
+def _dvc_stage(stage: str, repo: str) -> dict:
+    """Run one stage through DVC in a child process and stream its output into the task's log.
+
+    Why a `dvc repro` process rather than `dvc.repo.Repo(repo).reproduce(...)` in this one:
+    - the stage must see this flow run's id ($AIVOICE_FLOW_RUN_ID) and the venv's `python` on PATH;
+      a child gets them from its own environment, while the in-process API runs the stage command
+      with this process's environment, which we would have to mutate (global, shared by threads);
+    - `dvc.repo.Repo` is not DVC's public API (only `dvc.api` is) and keeps process-wide state
+      (repo lock, logging, chdir-relative config) across calls;
+    - a stage that crashes or runs out of memory takes down its process, not the flow, and the exit
+      code is an unambiguous, deterministic failure.
+    `sys.executable -m dvc` is the DVC installed beside this interpreter, found without PATH."""
+    logger = get_run_logger()
+    bin_dir = str(Path(sys.executable).parent)
+    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    tail: deque[str] = deque(maxlen=40)
+    ran = False
+    with subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                ran = ran or f"Running stage '{stage}'" in line
+                logger.info("%s", line)
+    if proc.returncode != 0:
+        raise StageError(f"dvc repro {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    logger.info("stage %s %s", stage, "ran" if ran else "unchanged: skipped by DVC")
+    return {"stage": stage, "ran": ran}
+
+
+# one task per stage, so each shows up (and can be inspected) on its own in the UI
+STAGE_TASKS = {name: task(_dvc_stage, name=name, cache_policy=NO_CACHE) for name in STAGES}
+
+
+@task(name="promote", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def promote(verdict: dict, mode: str, reason: str, model_name: str) -> dict:
+    """Act on the verdict; idempotent, so a retry or a re-run never promotes twice or undoes a rollback.
+
+    Only the version the verdict names, and only while it is still the challenger, is promoted."""
+    logger = get_run_logger()
+    version = verdict.get("model_version")
+    if version is None:
+        raise RetrainError("reports/verdict.json has no model_version: the validate stage did not register the candidate")
+    if not verdict["passed"]:
+        decision = {"action": "rejected", "why": "failed gates: " + "; ".join(verdict["reasons"])}
+    else:
+        current = registry.aliases(model_name)
+        if current.get(registry.CHAMPION) == version:
+            decision = {"action": "already-champion", "why": f"v{version} is already {registry.CHAMPION}"}
+        elif current.get(registry.CHALLENGER) != version:
+            decision = {"action": "none", "why": f"v{version} is no longer {registry.CHALLENGER} "
+                        f"(now: {current.get(registry.CHALLENGER, 'none')}); it was replaced or rolled back since"}
+        elif mode == "manual":
+            decision = {"action": "awaiting-approval",
+                        "why": f"promotion is manual: v{version} stays {registry.CHALLENGER}; "
+                               f"`aivoice promote {version} --reason ...` or the MLflow UI makes it champion"}
+        else:
+            event = registry.promote(version, reason=reason, name=model_name)
+            decision = {"action": "promoted", "previous": event["previous"],
+                        "why": f"all gates passed; v{version} is {registry.CHAMPION}, v{event['previous']} is {registry.PREVIOUS}"}
+    decision |= {"version": version, "mode": mode}
+    logger.info("promotion: %s (%s)", decision["action"], decision["why"])
+    return decision
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def publish_report(summary: dict, verdict: dict, metrics: dict) -> None:
+    """A markdown artifact (verdict, promotion, links, gates, metrics, before/after) and a table artifact
+    (per-generator metrics of the candidate), both attached to this flow run."""
+    create_markdown_artifact(markdown=_markdown(summary, verdict, metrics), key="retrain-report",
+                             description=f"retrain: v{summary['model_version']} {summary['promotion']['action']}")
+    per_gen = (metrics.get("candidate") or {}).get("per_generator") or {}
+    rows = [{"generator": gen} | {k: _round(v) for k, v in m.items()} for gen, m in sorted(per_gen.items())]
+    if rows:
+        create_table_artifact(table=rows, key="retrain-per-generator",
+                              description=f"candidate v{summary['model_version']}: metrics per generator (AI clips vs all humans)")
+
+
+@flow(name="retrain")
+def retrain(params: RetrainParams = RetrainParams()) -> dict:
+    """Retrain on new samples through DVC, validate against the champion, promote by the verdict."""
+    logger = get_run_logger()
+    repo = Path(params.repo).resolve()
+    cfg = load_params(repo / params.params_file)       # a bad params file fails here, before any work
+    mode = params.promote or cfg.registry.promotion
+    run_id = flow_run.get_id()
+    name = cfg.registry.model_name
+    logger.info("retrain %s in %s (promotion: %s)", name, repo, mode)
+    with scoped_env(project_env(repo, run_id)):          # stages tag their MLflow runs with this flow run
+        champion = export_champion(str(in_repo(repo, cfg.finetune.base_model)), name)
+        stages = {stage: STAGE_TASKS[stage](stage, str(repo))["ran"] for stage in STAGES}
+        verdict = _read_json(in_repo(repo, cfg.validation.verdict))
+        metrics = _read_json(in_repo(repo, cfg.validation.metrics))
+        decision = promote(verdict, mode, f"{params.reason} (Prefect flow run {run_id})", name)
+        summary = {
+            "flow_run_id": run_id, "model_name": name, "champion_before": champion["version"], "stages": stages,
+            "passed": verdict["passed"], "reasons": verdict["reasons"], "model_version": verdict.get("model_version"),
+            "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+            "promotion": decision, "verdict_is_fresh": stages["validate"],
+        }
+        publish_report(summary, verdict, metrics)
+    return summary
+
+
+def run_retrain(params_file: str = "params.yaml", promote: Literal["auto", "manual"] | None = None, *,
+                reason: str = DEFAULT_REASON, repo: str = ".") -> dict:
+    """Run `retrain` once, here (for the CLI); returns its summary, raises what failed it."""
+    return retrain(RetrainParams(params_file=params_file, repo=repo, promote=promote, reason=reason))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise RetrainError(f"{path}: missing; the validate stage writes it")
+    return json.loads(path.read_text())
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
+    p = s["promotion"]
+    head = f"# Retrain of {s['model_name']}: candidate v{s['model_version']} {'PASSED' if s['passed'] else 'FAILED'}"
+    lines = [head, "", f"**Promotion ({p['mode']}): {p['action']}** - {p['why']}", ""]
+    if not s["verdict_is_fresh"]:
+        lines += ["_The validate stage was skipped (inputs unchanged): this verdict is from an earlier run._", ""]
+    run_link = _mlflow_run_link(s["tracking_uri"], s["mlflow_run_id"])
+    lines += [
+        f"- Prefect flow run: `{s['flow_run_id']}` (tagged `prefect_flow_run_id` on the MLflow run)",
+        f"- MLflow run: {run_link}; registered version: v{s['model_version']}",
+        f"- champion before this run: v{s['champion_before']}",
+        "- stages: " + ", ".join(f"{k} {'ran' if ran else 'skipped'}" for k, ran in s["stages"].items()),
+        "", "## Gates", "", "| gate | value | rule | passed |", "|---|---|---|---|",
+    ]
+    for gate, g in verdict.get("gates", {}).items():
+        lines.append(f"| {gate} | {g['value']} | {g['rule']} | {'yes' if g['passed'] else '**NO**'} |")
+    if s["reasons"]:
+        lines += ["", "Why it failed:", *[f"- {r}" for r in s["reasons"]]]
+    cand, prod = metrics.get("candidate", {}), metrics.get("production", {})
+    lines += ["", "## Candidate vs champion (same held-out data)", "", "| metric | candidate | champion |", "|---|---|---|"]
+    lines += [f"| {k} | {_round(cand.get(k))} | {_round(prod.get(k))} |" for k in SUMMARY_METRICS if k in cand]
+    lines += ["", "## Before / after on the new samples", "",
+              "| file | generator | champion | candidate (trained on it) | candidate (held out) |", "|---|---|---|---|---|"]
+    for r in verdict.get("before_after", []):
+        lines.append(f"| {r['file']} | {r['generator']} | {r['production']} | {r['candidate_trained_on_it']} | {r['candidate_held_out']} |")
+    lines += ["", f"New-generator recall measured {verdict.get('lofo_method', 'n/a')}; calibrated threshold {verdict.get('threshold')}."]
+    return "\n".join(lines)
+
+
+def _mlflow_run_link(uri: str, run_id: str | None) -> str:
+    if not run_id:
+        return "none"
+    if uri.startswith(("http://", "https://")):
+        return f"[`{run_id}`]({uri.rstrip('/')}/#/runs/{run_id})"
+    return f"`{run_id}` (store {uri or 'mlruns/'}; `aivoice ui` to browse)"
