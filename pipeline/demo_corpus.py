@@ -71,6 +71,7 @@ MANIFEST_COLUMNS = (
 SOUNDS_DIR = "usr/share/asterisk/sounds"
 GAME_SOUNDS = {"ktuberling": "usr/share/ktuberling/sounds", "klettres": "usr/share/klettres"}
 WORD_SUFFIXES = {".ogg", ".opus", ".wav"}
+NON_SPEECH = ("[", "(")  # transcript marks of tones and silences, e.g. "(1 second of silence)"
 WORDLESS = ("tux-", "say-")  # KTuberling's laughs, sighs and snores
 SPEAKABLE = re.compile(r"^[\w\s.,;:!?'’\"«»–—-]+$")
 _PIPER_LOCK = threading.Lock()
@@ -366,14 +367,14 @@ def _material(speaker: HumanSpeaker, roots: dict[str, Path], seed: int) -> list[
 
 
 def _eligible_prompts(speaker: HumanSpeaker, roots: dict[str, Path]) -> list[Prompt]:
-    """Prompts that are transcribed speech (not tones) of a useful duration."""
+    """Prompts that are transcribed speech (not tones or silence) of a useful duration."""
     sounds = roots[speaker.package] / speaker.sounds
     suffix = ".gsm" if speaker.form == "gsm" else ".wav"
     low, high = HUMAN_DURATION_S
     prompts = []
     for name, text in _transcript(speaker.transcript, roots[speaker.transcript]).items():
         path = sounds / f"{name}{suffix}"
-        if not text.startswith("[") and path.exists() and low <= _duration(path) <= high:
+        if not text.startswith(NON_SPEECH) and path.exists() and low <= _duration(path) <= high:
             prompts.append(Prompt(name, path, text))
     if not prompts:
         raise DemoCorpusError(f"no usable prompts found in {speaker.package}")

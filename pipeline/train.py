@@ -171,9 +171,9 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     check_two_classes(clips, f"corpus {corpus}")
     train_clips, val_clips = split_by_speaker(clips, params.train.val_fraction, params.train.seed)
     loaded = load_clips(train_clips + val_clips, params)
-    kept = {it.clip.path for it in loaded}
-    train = [it for it in loaded if it.clip in set(train_clips)]
-    val = [it for it in loaded if it.clip in set(val_clips)]
+    kept, in_train = {it.clip.path for it in loaded}, set(train_clips)
+    train = [it for it in loaded if it.clip in in_train]
+    val = [it for it in loaded if it.clip not in in_train]
     check_two_classes([it.clip for it in val], "the validation split")
     log.info("training on %d clips, validating on %d (speaker-disjoint)", len(train), len(val))
     model, history = train_model(train, val, params)
