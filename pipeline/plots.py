@@ -1,4 +1,5 @@
-"""ROC/DET data for `dvc plots` (CSV per model) and PNG pictures of the same, plus score histograms."""
+"""ROC/DET data for `dvc plots` (CSV per model) and PNG pictures of the same, plus score histograms
+and confusion matrices at each model's threshold."""
 from __future__ import annotations
 
 import csv
@@ -14,13 +15,15 @@ from pipeline.metrics import roc_points  # noqa: E402
 
 
 def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
-    """models: name -> {"scores", "labels", "threshold"}; writes roc_<name>.csv, roc.png, det.png, scores.png."""
+    """models: name -> {"scores", "labels", "threshold"}; writes roc_<name>.csv, roc.png, det.png, scores.png,
+    confusion.png."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
     fig_det, ax_det = plt.subplots(figsize=(5, 5))
     fig_hist, axes = plt.subplots(len(models), 1, figsize=(6, 2.5 * len(models)), squeeze=False)
-    for (name, m), ax_h in zip(models.items(), axes[:, 0]):
+    fig_conf, conf_axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3), squeeze=False)
+    for (name, m), ax_h, ax_c in zip(models.items(), axes[:, 0], conf_axes[0]):
         fpr, tpr, _ = roc_points(m["scores"], m["labels"])
         path = out / f"roc_{name}.csv"
         with path.open("w", newline="") as f:
@@ -37,9 +40,12 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
         ax_h.axvline(m["threshold"], color="k", linestyle="--", label=f"threshold {m['threshold']:.3f}")
         ax_h.set_title(f"{name}: AI scores on held-out clips")
         ax_h.legend()
+        _confusion(ax_c, y, s >= m["threshold"], name)
     ax_roc.set(xlabel="false-positive rate (human)", ylabel="true-positive rate (AI)", title="ROC")
     ax_det.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="false-negative rate", title="DET")
-    for fig, ax, name in ((fig_roc, ax_roc, "roc.png"), (fig_det, ax_det, "det.png"), (fig_hist, None, "scores.png")):
+    figures = ((fig_roc, ax_roc, "roc.png"), (fig_det, ax_det, "det.png"), (fig_hist, None, "scores.png"),
+               (fig_conf, None, "confusion.png"))
+    for fig, ax, name in figures:
         if ax is not None:
             ax.legend()
         fig.tight_layout()
@@ -47,3 +53,13 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
     return written
+
+
+def _confusion(ax, labels: np.ndarray, called_ai: np.ndarray, title: str) -> None:
+    """2x2 counts: rows true human/AI, columns called human/AI."""
+    counts = np.array([[np.sum((labels == t) & (called_ai == c)) for c in (False, True)] for t in (0, 1)])
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["human", "AI"], yticklabels=["human", "AI"],
+           xlabel="called", ylabel="true", title=title)

@@ -186,6 +186,8 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
         "n_train": len(train), "n_val": len(val), "skipped": sorted(str(c.path) for c in clips if c.path not in kept),
         "languages": list(model.meta.languages), "history": history, "validation": metrics,
+        "val_scores": [{"path": str(it.clip.path), "label": it.clip.label_name, "generator": it.clip.generator,
+                        "source": it.clip.source, "ai_score": round(s, 6)} for it, s in zip(val, scores)],
         "wall_s": round(time.time() - started, 1),
     }
     report.parent.mkdir(parents=True, exist_ok=True)

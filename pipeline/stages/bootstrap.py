@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
 
 from pipeline import registry, tracking
 from pipeline.config import Params, load_params
+from pipeline.data import LABELS
+from pipeline.plots import write_plots
 from pipeline.train import bootstrap
 
 
@@ -26,6 +29,11 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
         overall = result["validation"]["overall"]
         mlflow.log_metrics({f"val_{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float)) and v == v})
         mlflow.log_dict(result, "bootstrap_report.json")
+        with tempfile.TemporaryDirectory() as plots:
+            val = result["val_scores"]
+            write_plots({"base": {"scores": [r["ai_score"] for r in val], "threshold": result["validation"]["threshold"],
+                                  "labels": [LABELS[r["label"]] for r in val]}}, Path(plots))
+            mlflow.log_artifacts(plots, "plots")
         version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
                                     tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
                                           "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap"})
