@@ -8,7 +8,8 @@ and queue the clips the model is least sure about for a person to label.
   file's modification date (UTC). Per-day metrics use step = days since 1970-01-01, so runs line up.
 - Drift: PSI (default) or the KS statistic of today's scores against the champion's validation scores
   (human and AI), read from the JSON artifact `reference_artifact` of the MLflow run that registered
-  the champion; without it the report says "no reference". A flag means the score distribution moved
+  the champion (or, for a bootstrapped model, the `val_scores` of its bootstrap_report.json); without
+  either the report says "no reference". A flag means the score distribution moved
   - a new generator, a new channel or a changed human/AI mix - and is a prompt to look at the queue.
 - Review queue: the `review_count` clips closest to the threshold are COPIED (originals are only read)
   into <review_dir>/<time>-<run>/ with MANIFEST.csv. A person fills `label` (human|ai) and, for AI,
@@ -80,22 +81,39 @@ def resolve_model(ref: str, model_name: str) -> dict:
             "run_id": run_id}
 
 
+BOOTSTRAP_REPORT = "bootstrap_report.json"   # logged by pipeline.stages.bootstrap; has val_scores
+
+
 @task(name="load-reference", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def load_reference(run_id: str | None, artifact: str) -> list[float] | None:
-    """Validation scores logged with the model's run ({"scores": [...], ...} or a list); None when absent."""
+    """Validation scores logged with the model's run: `artifact`, else a bootstrap run's report; None if neither."""
     logger = get_run_logger()
     if run_id is None:
         logger.warning("no reference: the model is not a registry version with a run")
         return None
     client = tracking.configure()
-    folder = str(Path(artifact).parent) if Path(artifact).parent != Path(".") else None
-    if artifact not in {f.path for f in client.list_artifacts(run_id, folder)}:
-        logger.warning("no reference: run %s has no artifact %s", run_id, artifact)
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        data = json.loads(Path(client.download_artifacts(run_id, artifact, tmp)).read_text())
-    scores = data["scores"] if isinstance(data, dict) else data
-    return [float(s) for s in scores]
+    for name in dict.fromkeys((artifact, BOOTSTRAP_REPORT)):
+        folder = str(Path(name).parent) if Path(name).parent != Path(".") else None
+        if name not in {f.path for f in client.list_artifacts(run_id, folder)}:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            scores = reference_scores(json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text()))
+        if scores:
+            logger.info("reference: %d validation scores from %s of run %s", len(scores), name, run_id)
+            return scores
+    logger.warning("no reference: run %s has neither %s nor %s with scores", run_id, artifact, BOOTSTRAP_REPORT)
+    return None
+
+
+def reference_scores(data) -> list[float]:
+    """AI scores from a reference artifact: {"scores": [...]}, a bootstrap report ({"val_scores": [{"ai_score"}]}),
+    or a plain list of numbers or of {"ai_score": ...} rows; [] when it holds none."""
+    if isinstance(data, dict):
+        data = data.get("scores", data.get("val_scores", []))
+    if not isinstance(data, list):
+        return []
+    return [float(x["ai_score"] if isinstance(x, dict) else x) for x in data
+            if not isinstance(x, dict) or x.get("ai_score") is not None]
 
 
 @task(name="score-traffic", cache_policy=NO_CACHE)

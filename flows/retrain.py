@@ -22,6 +22,7 @@ import sys
 from collections import deque
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -164,7 +165,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
         summary = {
             "flow_run_id": run_id, "model_name": name, "champion_before": champion["version"], "stages": stages,
             "passed": verdict["passed"], "reasons": verdict["reasons"], "model_version": verdict.get("model_version"),
-            "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+            "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": _without_credentials(os.environ.get("MLFLOW_TRACKING_URI", "")),
             "promotion": decision, "verdict_is_fresh": stages["validate"],
         }
         publish_report(summary, verdict, metrics)
@@ -214,6 +215,14 @@ def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
         lines.append(f"| {r['file']} | {r['generator']} | {r['production']} | {r['candidate_trained_on_it']} | {r['candidate_held_out']} |")
     lines += ["", f"New-generator recall measured {verdict.get('lofo_method', 'n/a')}; calibrated threshold {verdict.get('threshold')}."]
     return "\n".join(lines)
+
+
+def _without_credentials(uri: str) -> str:
+    """A tracking URI safe to show in an artifact: user:password@ removed."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return uri
 
 
 def _mlflow_run_link(uri: str, run_id: str | None) -> str:
