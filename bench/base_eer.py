@@ -19,6 +19,7 @@ the markdown tables are printed and written beside it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -98,6 +99,47 @@ def train_and_score(train: list, val: list, test: list, params) -> tuple[np.ndar
     scores = np.array(validation_scores(model, test, params, "cpu"), float)
     return scores, history, model.meta.threshold, time.time() - started
 
+def _setup(r: dict) -> str:
+    t = r["train"]
+    return (f"width {r['base_width']}, {t['epochs']} epochs x {t['steps_per_epoch']} steps x batch {t['batch_size']}, "
+            f"torch threads {r.get('threads', '?')}")
+
+
+def render(results: list[dict]) -> str:
+    """Markdown tables of one or more result files (e.g. a speaker-split run and a leave-sources-out run)."""
+    md: list[str] = []
+    for r in results:
+        if "speaker_split" in r:
+            sp = r["speaker_split"]
+            m = sp["metrics"]
+            o = m["overall"]
+            n_val_src = len(sp["per_source"])
+            md += [f"## Speaker-disjoint split ({_setup(r)}; {sp['n_train']} train / {sp['n_val']} validation clips; "
+                   f"{len(sp['sources_on_both_sides'])} of {n_val_src} validation sources also in training)",
+                   md_table([{"eer": o["eer"], "auc": o["auc"], "accuracy": o["accuracy"], "fpr@thr": o["fpr"],
+                              "recall@thr": o["recall"], "threshold": m["threshold"], "epochs_run": len(sp["history"]),
+                              "train_s": round(sp["train_s"])}]),
+                   "", "Per source (validation clips; `eer_vs_rest`: a one-label source against all validation clips of the other label):",
+                   md_table(sp["per_source"], ["source", "n_human", "n_ai", "eer_in_source", "eer_vs_rest", "fpr", "recall", "mean_score"]),
+                   "", "Per generator (its AI clips vs all validation humans):",
+                   md_table([{"generator": g} | v for g, v in m["per_generator"].items()], ["generator", "n_ai", "eer", "auc", "recall"]), ""]
+        if "leave_sources_out" in r:
+            lso = r["leave_sources_out"]
+            p, rows = lso["pooled"], lso["folds"]
+            md += [f"## Leave-sources-out ({_setup(r)}; {len(rows)} of {len(r['folds'])} folds run)",
+                   md_table(rows, ["fold", "sources", "n_human", "n_ai", "eer", "auc", "fpr", "recall", "best_val_eer", "train_s"]),
+                   "", f"Pooled over held-out folds (scores of {len(rows)} different models): EER {p['eer']:.3f}, "
+                   f"AUC {p['auc']:.3f}, FPR {p['fpr']:.3f}, recall {p['recall']:.3f}; mean per-fold EER {lso['mean_fold_eer']:.3f}",
+                   "", "Per held-out source (`eer_vs_rest`: a one-label source against the other label held out in its fold):",
+                   md_table(sorted(lso["per_source"], key=lambda x: (x["fold"], x["source"])),
+                            ["fold", "source", "n_human", "n_ai", "eer_in_source", "eer_vs_rest", "fpr", "recall", "mean_score"]),
+                   "", "Pooled per generator (held out; its AI clips vs all held-out humans):",
+                   md_table([{"generator": g} | v for g, v in lso["pooled_per_generator"].items()], ["generator", "n_ai", "eer", "auc", "recall"]), ""]
+        if "wall_s" in r:
+            md.append(f"wall {r['wall_s']:.0f} s, peak RSS {r.get('peak_rss_mb')} MB, decode {r.get('decode_s')} s; "
+                      f"load average at start {r['machine']['loadavg'][0]:.1f}\n")
+    return "\n".join(md)
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu", help="train.device (cpu, cuda, auto)")
     ap.add_argument("--out", type=Path, default=RESULTS / "base_eer.json")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="JSON", help="only print the markdown of earlier result files")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render([json.loads(p.read_text()) for p in args.render]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
@@ -125,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = val
     params = load_params(args.params, overrides=overrides)
     t0 = time.time()
-    result: dict = {"machine": machine(), "corpus": str(args.corpus), "overrides": overrides,
+    result: dict = {"machine": machine(), "corpus": str(args.corpus), "overrides": overrides, "threads": args.threads,
                     "train": params.train.model_dump(include={"epochs", "steps_per_epoch", "batch_size", "lr", "patience", "val_fraction"}),
                     "base_width": params.model.base_width}
 
@@ -138,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("decoded %d/%d clips in %.0f s", len(loaded), len(clips), result["decode_s"])
     clips = [c for c in clips if c.path in by_path]
     items = lambda cs: [by_path[c.path] for c in cs]  # noqa: E731
-    md: list[str] = []
 
     if not args.skip_speaker_split:
         tr, va = split_by_speaker(clips, params.train.val_fraction, params.train.seed)
@@ -150,17 +195,6 @@ def main(argv: list[str] | None = None) -> int:
                                    "history": history, "train_s": round(secs, 1), "metrics": metrics,
                                    "per_source": per_source_rows(va, scores, thr)}
         write_json(args.out, result)
-        o = metrics["overall"]
-        md += [f"## Speaker-disjoint split ({len(tr)} train / {len(va)} validation clips; "
-               f"{len(shared)} of {len({c.source for c in va})} validation sources also in training)",
-               md_table([{"eer": o["eer"], "auc": o["auc"], "accuracy": o["accuracy"], "fpr@thr": o["fpr"],
-                          "recall@thr": o["recall"], "threshold": thr, "train_s": round(secs)}]),
-               "", "Per source (validation clips):",
-               md_table(result["speaker_split"]["per_source"],
-                        ["source", "n_human", "n_ai", "eer_in_source", "eer_vs_rest", "fpr", "recall", "mean_score"]),
-               "", "Per generator (its AI clips vs all validation humans):",
-               md_table([{"generator": g} | r for g, r in metrics["per_generator"].items()],
-                        ["generator", "n_ai", "eer", "auc", "recall"]), ""]
 
     if args.folds:
         folds = make_folds(clips, args.folds, args.seed)
@@ -190,23 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                                            "pooled_per_generator": pooled["per_generator"],
                                            "mean_fold_eer": float(np.nanmean([f["eer"] for f in fold_rows]))}
             write_json(args.out, result)
-        lso = result["leave_sources_out"]
-        p = lso["pooled"]
-        md += [f"## Leave-sources-out ({len(fold_rows)} of {len(folds)} folds run)",
-               md_table(fold_rows, ["fold", "sources", "n_human", "n_ai", "eer", "auc", "fpr", "recall", "best_val_eer", "train_s"]),
-               "", f"Pooled over held-out folds (scores of {len(fold_rows)} different models): EER {p['eer']:.3f}, "
-               f"AUC {p['auc']:.3f}, FPR {p['fpr']:.3f}, recall {p['recall']:.3f}; mean per-fold EER {lso['mean_fold_eer']:.3f}",
-               "", "Per held-out source (`eer_vs_rest`: a one-label source against the other label held out in its fold):",
-               md_table(sorted(src_rows, key=lambda r: (r["fold"], r["source"])),
-                        ["fold", "source", "n_human", "n_ai", "eer_in_source", "eer_vs_rest", "fpr", "recall", "mean_score"]),
-               "", "Pooled per generator (held out; its AI clips vs all held-out humans):",
-               md_table([{"generator": g} | r for g, r in lso["pooled_per_generator"].items()],
-                        ["generator", "n_ai", "eer", "auc", "recall"]), ""]
 
     result["wall_s"] = round(time.time() - t0, 1)
     result["peak_rss_mb"] = round(peak_rss_mb())
     write_json(args.out, result)
-    text = "\n".join(md) + f"\nwall {result['wall_s']:.0f} s, peak RSS {result['peak_rss_mb']} MB\n"
+    text = render([result])
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return 0

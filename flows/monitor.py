@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows import drift
+from pipeline import drift
 from flows.common import TRACKING_RETRIES
 from pipeline import registry, tracking
 from pipeline.audio import find_audio

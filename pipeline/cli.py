@@ -165,6 +165,45 @@ def _cmd_ui(args, params) -> int:
                             "--host", args.host, "--port", str(args.port)], env=os.environ)
 
 
+# The flow commands import flows/ (and with it Prefect) only when they run: pipeline/ itself never imports Prefect.
+
+def _cmd_retrain(args, params) -> int:
+    from flows.retrain import RetrainError, StageError, run_retrain
+
+    try:
+        result = run_retrain(args.params, promote=args.promote, reason=args.reason)
+    except (StageError, RetrainError) as err:
+        log.error("retrain: %s", err)
+        return 2
+    ran = ", ".join(f"{stage}{'' if did else ' (unchanged)'}" for stage, did in result["stages"].items())
+    print(f"stages: {ran}")
+    print(f"verdict: {'PASSED' if result['passed'] else 'FAILED: ' + '; '.join(result['reasons'])}")
+    print(f"candidate: {params.registry.model_name} v{result['model_version']} (MLflow run {result['mlflow_run_id']}, "
+          f"Prefect flow run {result['flow_run_id']})")
+    print(f"promotion: {result['promotion']['action']}: {result['promotion']['why']}")
+    return 0
+
+
+def _cmd_monitor(args, params) -> int:
+    from flows.monitor import run_monitor
+
+    result = run_monitor([str(p) for p in args.paths], args.params, review_count=args.review_count)
+    drift = result["drift"]
+    print(f"AI rate {result['ai_rate']:.3f}; drift: {drift['status']}"
+          + (f" ({drift.get('metric')} {drift.get('value'):.3f} vs {drift.get('threshold')})" if drift.get("value") is not None else ""))
+    print(f"review queue: {result['review']}  (label it, then `aivoice ingest --corpus <folder>`)")
+    return 0
+
+
+def _cmd_schedule(args, params) -> int:
+    from flows.deploy import schedule
+
+    deployment = schedule(args.cron, name=args.name, work_pool=args.pool, params_file=args.params)
+    print(f"deployment retrain/{args.name} ({deployment}) runs on '{args.cron}' in work pool {args.pool}; "
+          f"start a worker with: prefect worker start --pool {args.pool}")
+    return 0
+
+
 def _cmd_demo_corpus(args, params) -> int:
     from pipeline.demo_corpus import build_demo_corpus
 
@@ -238,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("retrain", help="the retrain flow: export champion, ingest..validate via DVC, gated promotion")
+    p.add_argument("--promote", choices=("auto", "manual"), help="override registry.promotion")
+    p.add_argument("--reason", default="retrain flow: validation gates passed")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("monitor", help="the monitor flow: score traffic with champion, log drift, queue clips for review")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--review-count", type=int, default=20)
+    p.set_defaults(func=_cmd_monitor)
+
+    p = sub.add_parser("schedule", help="deploy the retrain flow on a cron schedule to a Prefect work pool")
+    p.add_argument("--cron", required=True, help='e.g. "0 3 * * 1" (Mondays 03:00 UTC)')
+    p.add_argument("--name", default="scheduled")
+    p.add_argument("--pool", default="aivoice-process")
+    p.set_defaults(func=_cmd_schedule)
 
     p = sub.add_parser("demo-corpus", help="build the small offline demo corpus")
     p.add_argument("dir", type=Path)

@@ -193,22 +193,20 @@ N_HOLDOUT = sum(HOLDOUT.values())
 # Whose prompt transcripts give the AI voices their words, by primary language subtag.
 TEXT = {"en": CORE["en"], "fr": CORE["fr"], "es": ES_CO, "it": CORE["it"], "ru": CORE["ru"]}
 
-# Languages are interleaved so that small corpora still mix them; sexes are mixed as on the human side.
+# The AI voices mirror the human side's mix of language and sex as far as the engines allow. English
+# human speech is nearly all female (Allison), so the English AI voices are female too: otherwise
+# "English and male" alone would mark a clip as AI. Languages interleave so small corpora mix them.
 ESPEAK_VOICES = tuple(
     Voice("espeak-ng", v, v, lang, "espeak-ng", "GPL-3.0-or-later")
     for v, lang in (
-        ("fr+f4", "fr-FR"), ("es-419+f3", "es-419"), ("it+f2", "it-IT"), ("ru+m2", "ru-RU"),
-        ("en-us+f3", "en-US"), ("fr+m3", "fr-FR"), ("es+f5", "es-ES"), ("en-gb-x-rp+m1", "en-GB"),
+        ("it+m3", "it-IT"), ("fr+f4", "fr-FR"), ("es-419+m3", "es-419"), ("en-us+f3", "en-US"),
+        ("ru+m2", "ru-RU"), ("es+f5", "es-ES"), ("fr+m1", "fr-FR"), ("en-gb-x-rp+f2", "en-GB"),
     )
 )
-FLITE_VOICES = tuple(
-    Voice("flite", v, v, lang, f"flite-{v}", "BSD-style (CMU Flite)")
-    for v, lang in (("slt", "en-US"), ("kal", "en-US"), ("slt", "en-US"), ("awb", "en-GB"), ("rms", "en-US"))
-)
+FLITE_VOICES = (Voice("flite", "slt", "slt", "en-US", "flite-slt", "BSD-style (CMU Flite)"),)
 FESTIVAL_VOICES = (
     Voice("festival", "voice_cmu_us_slt_arctic_hts", "slt", "en-US", "festival-slt",
           "BSD-style (CMU ARCTIC, EST-2003)"),
-    Voice("festival", "voice_kal_diphone", "kal", "en-US", "festival-kal", "BSD-style (festvox-kallpc16k)"),
 )
 ENGINES = {"espeak-ng": ESPEAK_VOICES, "flite": FLITE_VOICES, "festival": FESTIVAL_VOICES}
 PIPER_VOICE = Voice("piper", "joe", "joe", "en-US", "piper-joe", "CC0-1.0 (voice), GPL-3.0-or-later (piper-tts)")
@@ -225,7 +223,6 @@ SYSTEM_REQUIREMENTS = (
     ("espeak-ng", "tool", "apt-get install -y espeak-ng"),
     ("flite", "tool", "apt-get install -y flite"),
     ("text2wave", "tool", "apt-get install -y festival"),
-    ("/usr/share/festival/voices/english/kal_diphone", "path", "apt-get install -y festvox-kallpc16k"),
     ("/usr/share/festival/voices/us/cmu_us_slt_arctic_hts", "path", "apt-get install -y festvox-us-slt-hts"),
 )
 

@@ -11,8 +11,12 @@ import soundfile as sf
 from pipeline.demo_corpus import (
     MANIFEST_COLUMNS,
     N_HOLDOUT,
+    PHRASE_S,
+    TRAINING,
     DemoCorpus,
     DemoCorpusError,
+    _ai_plan,
+    _human_counts,
     build_demo_corpus,
     check_system_requirements,
 )
@@ -61,6 +65,8 @@ def test_manifest_columns_and_counts(corpus: DemoCorpus, rows: list[dict[str, st
     assert labels == {"human", "ai"}, f"both labels must be present, got {labels}"
     sources = {r["source"] for r in rows if r["label"] == "ai"}
     assert sources == {"espeak-ng", "flite", "festival"}, f"unexpected AI sources {sources}"
+    human = {r["source"] for r in rows if r["label"] == "human"}
+    assert {"ktuberling", "asterisk-es-co"} <= human, f"volunteer and GSM-coded human sources missing: {human}"
     assert all(r["license"] for r in rows), "every manifest row needs a licence"
 
 
@@ -91,9 +97,30 @@ def test_held_aside_clips_are_not_in_manifest(corpus: DemoCorpus, rows: list[dic
     for path in new + holdout:
         rel = path.relative_to(corpus.root).as_posix()
         assert rel not in listed, f"{rel} must not be in the manifest"
-    english_train = {Path(p).name for p in listed if p.startswith("human/asterisk-en__")}
-    overlap = english_train & {p.name.split("__")[-1] for p in holdout if p.name.startswith("asterisk-en__")}
-    assert not overlap, f"held-out prompts also used for training: {overlap}"
+    trained = {r["speaker"] for r in rows if r["label"] == "human"}
+    unseen = {p.name.split("__")[1] for p in holdout}
+    assert not unseen & trained, f"held-out speakers also used for training: {unseen & trained}"
+
+
+def test_phrases_are_joined_words_on_both_sides(corpus: DemoCorpus, rows: list[dict[str, str]]) -> None:
+    phrases = [r for r in rows if "phrase-" in Path(r["path"]).name]
+    assert {r["label"] for r in phrases} == {"human", "ai"}, "both classes need joined-word phrases"
+    for r in phrases:
+        seconds = float(r["duration_s"])
+        assert PHRASE_S[0] - 1.0 < seconds < PHRASE_S[1] + 2.0, f"{r['path']} is not phrase-long: {seconds} s"
+
+
+def test_default_size_balances_speakers_and_forms() -> None:
+    counts = _human_counts(160, seed=0)
+    assert sum(counts.values()) == 160, "human clips must add up to n_human"
+    assert max(counts.values()) <= 0.15 * 160, "no human speaker may hold more than 15 % of the clips"
+    assert sum(n > 0 for n in counts.values()) >= 30, "the human side needs many speakers"
+    assert len({s.language.split("-")[0] for s, n in counts.items() if n}) >= 15, "and many languages"
+    human_forms = [group[0].form for group in TRAINING]
+    for engine, plan in _ai_plan(40).items():
+        for form in set(human_forms):
+            share = sum(f == form for _, f in plan) / len(plan)
+            assert share == human_forms.count(form) / len(human_forms), f"{engine}: {form} share {share}"
 
 
 def test_rebuild_is_reused_and_deterministic(corpus: DemoCorpus, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from flows import drift
+from pipeline import drift
 from flows.common import is_transient
 from pipeline.config import ParamsError
 

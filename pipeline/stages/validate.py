@@ -32,14 +32,17 @@ def run(params: Params) -> dict:
     write_json(cfg.metrics, metrics)
     write_plots({name: {"scores": m["scores"], "labels": m["labels"], "threshold": m["threshold"]}
                  for name, m in models.items()}, Path(cfg.plots))
-    verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"])
+    candidate_scores = {"scores": models["candidate"]["scores"], "labels": models["candidate"]["labels"]}
+    verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"],
+                                                     candidate_scores)
     write_json(cfg.verdict, verdict)
     return {"passed": verdict["passed"], "reasons": verdict["reasons"], "verdict": cfg.verdict,
             "model_version": verdict["model_version"]}
 
 
-def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict) -> dict:
-    """Log the validation to the candidate's fine-tuning run and register it (challenger if it passed)."""
+def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict, scores: dict) -> dict:
+    """Log the validation to the candidate's fine-tuning run and register it (challenger if it passed).
+    `scores` (held-out test-split scores and labels) become the monitor's drift reference."""
     cfg = params.validation
     cand = metrics["candidate"]
     with tracking.training_run(params, "validate", run_id=run_id):
@@ -51,6 +54,7 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
         mlflow.log_artifact(cfg.metrics)
         mlflow.log_artifacts(cfg.plots, "plots")
         mlflow.log_dict(verdict, "verdict.json")
+        mlflow.log_dict(scores, "validation_scores.json")
         mlflow.log_table(pd.DataFrame(verdict["before_after"]), "before_after.json")
         failed = [n for n, g in verdict["gates"].items() if not g["passed"]]
         version = registry.register(

@@ -1,8 +1,5 @@
-"""Score-distribution statistics for the monitor flow: histogram, PSI, KS, and which clips are least certain.
-
-Pure numpy, no Prefect: these are metrics (STYLE habit 5) that belong in pipeline/metrics.py; they sit
-here only until that module takes them (flows/ is the orchestration layer). Scores live in [0, 1].
-"""
+"""Score-distribution statistics for monitoring production traffic: histogram, PSI, KS, and which
+clips are least certain (closest to the threshold). Scores live in [0, 1]."""
 from __future__ import annotations
 
 from collections.abc import Sequence
