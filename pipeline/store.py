@@ -107,7 +107,7 @@ def ingest(items: list[tuple[Path, ClipInfo]], store: Path, quarantine: Path, au
     """Validate and copy files into the store, appending the manifest; the same bytes twice is a no-op."""
     rows = read_manifest(store)
     known = {r["sha256"]: r["path"] for r in rows}
-    batch = batch or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    batch = batch or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in ingest order
     report = IngestReport()
     for src, info in items:
         try:
