@@ -167,7 +167,14 @@ def _cmd_ui(args, params) -> int:
 
 # The flow commands import flows/ (and with it Prefect) only when they run: pipeline/ itself never imports Prefect.
 
+def _quiet_prefect() -> None:
+    """No usage analytics from the ephemeral server (its telemetry write can hit a locked sqlite and log a traceback)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 def _cmd_retrain(args, params) -> int:
+    _quiet_prefect()
     from flows.retrain import RetrainError, StageError, run_retrain
 
     try:
@@ -185,6 +192,7 @@ def _cmd_retrain(args, params) -> int:
 
 
 def _cmd_monitor(args, params) -> int:
+    _quiet_prefect()
     from flows.monitor import run_monitor
 
     result = run_monitor([str(p) for p in args.paths], args.params, review_count=args.review_count)

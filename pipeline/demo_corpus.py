@@ -164,7 +164,7 @@ CORE = {
 ES_CO = HumanSpeaker("asterisk-es-co", "july-jimenez", "es-CO", "asterisk-prompt-es-co", f"{SOUNDS_DIR}/es",
                      "GPL-2.0-only", "asterisk-core-sounds-es", "gsm")
 FR_ARMELLE = HumanSpeaker("asterisk-fr-armelle", "armelle", "fr-FR", "asterisk-prompt-fr-armelle",
-                          f"{SOUNDS_DIR}/fr", "BSD-3-Clause-like (Michel Gutierrez)", "asterisk-core-sounds-fr", "gsm")
+                          f"{SOUNDS_DIR}/fr", "BSD-style (Michel Gutierrez)", "asterisk-core-sounds-fr", "gsm")
 # Folders with a single sample rate (one recording session); Serbian variants share one recording.
 KTUBERLING = ("da", "de", "el", "en", "fi", "ga", "gl", "it", "lt", "nds", "nn", "pt", "ro", "sl", "sr", "sv",
               "uk", "wa")

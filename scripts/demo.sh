@@ -24,11 +24,11 @@ fi
 step "4. The champion on the held-aside neural voice (piper) and on unseen human speakers"
 run aivoice detect demo/corpus/new_generator demo/corpus/human_holdout || true
 
-step "5. Two clips of the new voice arrive: drop them into data/incoming and reproduce the pipeline"
+step "5. Two clips of the new voice arrive. The retrain flow (Prefect) exports the champion, runs the DVC stages"
+echo "   ingest -> augment -> finetune -> validate, and promotes the candidate only if its gates pass"
 mkdir -p data/incoming/ai/piper-joe
 for f in $(ls demo/corpus/new_generator/*.wav | head -n 2); do cp -n "$f" data/incoming/ai/piper-joe/; done
-run aivoice export-champion models/production.pt
-run dvc repro
+run aivoice retrain --promote auto --reason "demo: the candidate passed its validation gates"
 
 step "6. The verdict (reports/verdict.json) and the metrics against production"
 python - <<'PY'
@@ -45,24 +45,25 @@ for r in v["before_after"]:
 PY
 run dvc metrics show
 
-step "7. Promotion goes through the gates: only a version that passed them becomes champion"
-if run aivoice promote --reason "demo: passed validation gates"; then
-  step "8. The new champion on the other clips of the new voice and on unseen humans"
+if python -c "import json,sys; sys.exit(0 if json.load(open('reports/verdict.json'))['passed'] else 1)"; then
+  step "7. The new champion on the other clips of the new voice and on unseen humans"
   run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) demo/corpus/human_holdout || true
-  step "9. Roll back in one command: champion points at the previous version again, scores change back"
+  step "8. Roll back in one command: champion points at the previous version again, scores change back"
   run aivoice rollback --reason "demo: show the rollback"
   run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) || true
 else
-  echo "the candidate stays a registered version with validation_status=failed; champion is unchanged"
+  step "7. No promotion: the candidate is a registered version with validation_status=failed; champion is unchanged"
 fi
 
-step "10. Every version stays in the registry, with its gates and the promotion history"
+step "9. Every version stays in the registry, with its gates and the promotion history"
 run aivoice models
 
 cat <<'TXT'
 
 Where to look next:
-  make ui                      MLflow UI (runs, metrics, plots, the registry and its aliases) on mlruns/
+  make ui                            MLflow UI on mlruns/: runs, metrics, plots, the registry and its aliases
+                                     (moving the champion alias there is a rollback, picked up by detect/serve)
+  prefect server start               the Prefect UI, when flows run against a server (docs/orchestration.md)
   dvc metrics show; dvc plots show   the candidate against production, through DVC
   reports/verdict.json, reports/metrics.json, reports/plots/*.png
 TXT
