@@ -164,8 +164,12 @@ def split_by_source(clips: list[Clip], held_out: set[str]) -> tuple[list[Clip], 
 
 def check_two_classes(clips: list[Clip], what: str) -> None:
     """Refuse to train or judge on one class only (the production incident)."""
-    present = {c.label_name for c in clips}
-    if present != {"human", "ai"}:
-        only = ", ".join(sorted(present)) or "no clips"
+    check_labels({c.label for c in clips}, what)
+
+
+def check_labels(labels: set[int], what: str) -> None:
+    """CorpusError unless both labels (0 human, 1 ai) are present."""
+    if labels != set(LABELS.values()):
+        only = ", ".join(name for name, label in LABELS.items() if label in labels) or "no clips"
         raise CorpusError(f"{what} has only {only}: training or validating on one class is refused; add "
-                          f"{'human' if 'human' not in present else 'AI'} speech")
+                          f"{'AI' if AI_LABEL not in labels else 'human'} speech")

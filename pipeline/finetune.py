@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.audio import AudioError, load_audio
 from pipeline.augment import augment_spec, augment_wave
 from pipeline.config import Params
-from pipeline.data import Clip, CorpusError, check_two_classes, read_corpus, split_by_speaker
+from pipeline.data import Clip, CorpusError, check_labels, read_corpus
 from pipeline.features import LogMel, random_crop
 from pipeline.metrics import compute_eer, threshold_at_fpr
 from pipeline.model import AI_LABEL, Detector
@@ -140,7 +140,7 @@ def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, train_ma
     y = torch.from_numpy(seg.labels).long()
     x_tr, y_tr = cached[train_mask], y[train_mask]
     x_va, y_va = cached[val_mask].to(device), y[val_mask].to(device)
-    check_two_classes_labels(y_tr.numpy(), "the fine-tuning set")
+    check_labels(set(y_tr.tolist()), "the fine-tuning set")
     weight = (len(y_tr) / (2 * torch.bincount(y_tr, minlength=2).clamp_min(1)).float()).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_key, history, stale = None, (float("inf"), float("inf")), [], 0
@@ -169,15 +169,6 @@ def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, train_ma
                 break
     adapter.load_state_dict(best)
     return adapter.eval(), history
-
-
-def check_two_classes_labels(labels: np.ndarray, what: str) -> None:
-    """One-class training data is refused (the production incident: two AI clips, no humans)."""
-    present = set(np.unique(labels).tolist())
-    if present != {0, 1}:
-        only = "ai" if present == {AI_LABEL} else "human" if present else "no clips"
-        raise CorpusError(f"{what} has only {only}: training on one class is refused; add "
-                          f"{'human' if only == 'ai' else 'AI'} speech to the store")
 
 
 def merge(model: Detector, adapter: Adapter) -> Detector:
