@@ -118,6 +118,9 @@ def run_once(args, threads: int) -> dict:
     sh(["dvc", "init", "-q"], proj, env)
 
     corpus, how = pick_corpus(args.corpus, work, env)
+    if corpus.parent != work:   # snapshot: a shared checkout's demo/corpus may be rebuilt by others mid-run
+        shutil.copytree(corpus, work / "corpus", ignore=shutil.ignore_patterns(".cache"))
+        corpus, how = work / "corpus", f"snapshot of {corpus} ({how})"
     setup["ingest_corpus_s"], _ = sh(["aivoice", "ingest", "--corpus", str(corpus)], proj, env)
     if (corpus / "human_holdout").is_dir():
         secs, _ = sh(["aivoice", "ingest", str(corpus / "human_holdout"), "--label", "human", "--generator", "human",

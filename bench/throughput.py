@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                md_table([{k: res[k] for k in ("audio_s", "wall_s", "x_realtime", "windows_per_s", "rss_before_mb", "peak_rss_mb")}], floatfmt="{:.1f}")]
         long.unlink()
     result["wall_s"] = round(time.time() - t0, 1)
+    shutil.rmtree(tmp, ignore_errors=True)
     write_json(args.out, result)
     text = "\n".join(md) + f"\n\nbenchmark wall {result['wall_s']:.0f} s (load average at start {result['machine']['loadavg'][0]:.2f})\n"
     args.out.with_suffix(".md").write_text(text)

@@ -225,7 +225,7 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
         "segments": {"new_copies": int((~new.is_val).sum()), "human_replay": n_h, "ai_replay": n_ai_replay,
                      "validation": int(seg.is_val.sum())},
         "new_generators": sorted(set(generators.values())), "history": history,
-        "best_epoch": int(np.argmin([(h["val_eer"] if h["val_eer"] == h["val_eer"] else 0, h["val_loss"]) for h in history])) + 1,
+        "best_epoch": min(history, key=lambda h: (h["val_eer"] if h["val_eer"] == h["val_eer"] else 0.0, h["val_loss"]))["epoch"],
         "calibration": {"target_fpr": cfg.target_fpr, "threshold": threshold, "n_human_clips": len(cal_scores)},
         "lofo": lofo, "trained": "ai head + layer4" if cfg.train_last_block else "ai head",
     }

@@ -108,6 +108,8 @@ def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detec
             finished[idx] = n
         except AudioError as err:
             finished[idx] = err
+            kept = [i for i, owner in enumerate(owners) if owner != idx]   # its windows are not scored
+            batch[:], owners[:] = [batch[i] for i in kept], [owners[i] for i in kept]
         while ready(next_out):
             yield emit(next_out)
             next_out += 1
