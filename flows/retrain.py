@@ -134,12 +134,12 @@ def promote(verdict: dict, mode: str, reason: str, model_name: str) -> dict:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def publish_report(summary: dict, verdict: dict, metrics: dict) -> None:
+def publish_report(summary: dict, verdict: dict, metrics: dict, tables: dict) -> None:
     """A markdown artifact (verdict, promotion, links, gates, metrics, before/after) and a table artifact
     (per-generator metrics of the candidate), both attached to this flow run."""
     create_markdown_artifact(markdown=_markdown(summary, verdict, metrics), key="retrain-report",
                              description=f"retrain: v{summary['model_version']} {summary['promotion']['action']}")
-    per_gen = (metrics.get("candidate") or {}).get("per_generator") or {}
+    per_gen = (tables.get("candidate") or {}).get("per_generator") or {}
     rows = [{"generator": gen} | {k: _round(v) for k, v in m.items()} for gen, m in sorted(per_gen.items())]
     if rows:
         create_table_artifact(table=rows, key="retrain-per-generator",
@@ -161,6 +161,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
         stages = {stage: STAGE_TASKS[stage](stage, str(repo))["ran"] for stage in STAGES}
         verdict = _read_json(in_repo(repo, cfg.validation.verdict))
         metrics = _read_json(in_repo(repo, cfg.validation.metrics))
+        tables = _read_json(in_repo(repo, cfg.validation.tables))
         decision = promote(verdict, mode, f"{params.reason} (Prefect flow run {run_id})", name)
         summary = {
             "flow_run_id": run_id, "model_name": name, "champion_before": champion["version"], "stages": stages,
@@ -168,7 +169,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
             "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": _without_credentials(os.environ.get("MLFLOW_TRACKING_URI", "")),
             "promotion": decision, "verdict_is_fresh": stages["validate"],
         }
-        publish_report(summary, verdict, metrics)
+        publish_report(summary, verdict, metrics, tables)
     return summary
 
 

@@ -194,7 +194,8 @@ class GatesConfig(Section):
 class ValidateConfig(Section):
     """Where the verdict, metrics and plots go, and the gates."""
 
-    metrics: str = "reports/metrics.json"
+    metrics: str = Field("reports/metrics.json", description="summary numbers (DVC metrics)")
+    tables: str = Field("reports/tables.json", description="per-generator and per-source tables of both models")
     verdict: str = "reports/verdict.json"
     plots: str = "reports/plots"
     gates: GatesConfig = GatesConfig()

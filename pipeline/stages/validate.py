@@ -26,10 +26,8 @@ def run(params: Params) -> dict:
     result = validate(candidate, production, finetune_report, params)
     models = result["models"]
     metrics = {name: {k: m[k] for k in SUMMARY_KEYS} for name, m in models.items()}
-    metrics["candidate"]["per_generator"] = models["candidate"]["tables"]["per_generator"]
-    metrics["candidate"]["per_source"] = models["candidate"]["tables"]["per_source"]
-    metrics["production"]["per_generator"] = models["production"]["tables"]["per_generator"]
     write_json(cfg.metrics, metrics)
+    write_json(cfg.tables, {name: {k: m["tables"][k] for k in ("per_generator", "per_source")} for name, m in models.items()})
     write_plots({name: {"scores": m["scores"], "labels": m["labels"], "threshold": m["threshold"]}
                  for name, m in models.items()}, Path(cfg.plots))
     candidate_scores = {"scores": models["candidate"]["scores"], "labels": models["candidate"]["labels"]}
@@ -52,6 +50,7 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
         mlflow.log_metrics({f"gate_{n}": float(g["passed"]) for n, g in verdict["gates"].items()})
         mlflow.set_tag("validation_status", "passed" if verdict["passed"] else "failed")
         mlflow.log_artifact(cfg.metrics)
+        mlflow.log_artifact(cfg.tables)
         mlflow.log_artifacts(cfg.plots, "plots")
         mlflow.log_dict(verdict, "verdict.json")
         mlflow.log_dict(scores, "validation_scores.json")
