@@ -34,6 +34,7 @@ from pipeline.features import LogMel, random_crop
 from pipeline.metrics import compute_eer, threshold_at_fpr
 from pipeline.model import AI_LABEL, Detector
 from pipeline.scoring import Scorer, pick_device, score_arrays
+from pipeline.train import load_clips
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
 
     # calibrate on held-out humans' whole clips, scored like production traffic
     scorer = Scorer(candidate, params.audio, params.features, str(device))
-    cal_waves = [w for w in (_try_load(c, params) for c in h_val) if w is not None]
+    cal_waves = [it.wave for it in load_clips(h_val, params)]
     cal_scores = [s.ai_score for s in score_arrays(scorer, cal_waves, params.audio, params.detect)]
     threshold = threshold_at_fpr(cal_scores, cfg.target_fpr)
     candidate.to("cpu")
@@ -230,14 +231,6 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
         "lofo": lofo, "trained": "ai head + layer4" if cfg.train_last_block else "ai head",
     }
     return candidate, report
-
-
-def _try_load(clip: Clip, params: Params) -> np.ndarray | None:
-    try:
-        return load_audio(clip.path, params.audio)
-    except AudioError as err:
-        log.warning("calibration: skipped %s", err)
-        return None
 
 
 def _speaker_halves(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:

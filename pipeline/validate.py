@@ -6,20 +6,17 @@ fine-tuning report) and the production model directly.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.audio import AudioError, load_audio
 from pipeline.config import GatesConfig, Params
 from pipeline.data import Clip, CorpusError, check_two_classes, read_corpus
 from pipeline.evaluate import evaluate
 from pipeline.model import AI_LABEL, Detector
 from pipeline.scoring import Scorer, score_arrays
-
-log = logging.getLogger(__name__)
+from pipeline.train import load_clips
 
 
 def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], list[Clip]]:
@@ -35,15 +32,10 @@ def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], l
 
 def score_clips(model: Detector, clips: list[Clip], params: Params) -> tuple[list[Clip], list[float], list]:
     """Scores of the clips that decode (others are reported and left out); also language/speaker outputs."""
-    waves, kept = [], []
-    for c in clips:
-        try:
-            waves.append(load_audio(c.path, params.audio))
-            kept.append(c)
-        except AudioError as err:
-            log.warning("validation: skipped %s", err)
-    results = score_arrays(Scorer(model, params.audio, params.features, "cpu"), waves, params.audio, params.detect)
-    return kept, [r.ai_score for r in results], results
+    loaded = load_clips(clips, params)
+    results = score_arrays(Scorer(model, params.audio, params.features, "cpu"), [it.wave for it in loaded],
+                           params.audio, params.detect)
+    return [it.clip for it in loaded], [r.ai_score for r in results], results
 
 
 def frozen_parts_unchanged(candidate: Detector, production: Detector, trunk_trained: bool) -> dict[str, bool]:
