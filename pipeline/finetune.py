@@ -29,7 +29,7 @@ from torch import nn
 from pipeline.audio import AudioError, load_audio
 from pipeline.augment import augment_spec, augment_wave
 from pipeline.config import Params
-from pipeline.data import Clip, CorpusError, check_labels, read_corpus
+from pipeline.data import UNKNOWN, Clip, CorpusError, check_labels, read_corpus
 from pipeline.features import LogMel, random_crop
 from pipeline.metrics import compute_eer, threshold_at_fpr
 from pipeline.model import AI_LABEL, Detector
@@ -235,12 +235,12 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
 
 def _speaker_halves(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
     """Speaker-disjoint (train, validation) parts of one class; validation may be empty for one speaker."""
-    groups = sorted({c.speaker if c.speaker != "unknown" else str(c.path) for c in clips})
+    key = lambda c: c.speaker if c.speaker != UNKNOWN else str(c.path)
+    groups = sorted({key(c) for c in clips})
     rng = np.random.default_rng(seed)
     rng.shuffle(groups)
     n_val = int(round(len(groups) * val_fraction)) if len(groups) > 1 else 0
     val_groups = set(groups[:n_val])
-    key = lambda c: c.speaker if c.speaker != "unknown" else str(c.path)
     train = [c for c in clips if key(c) not in val_groups]
     val = [c for c in clips if key(c) in val_groups]
     return (train, val) if val else (clips, clips)
