@@ -34,9 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import drift
 from flows.common import TRACKING_RETRIES
-from pipeline import registry, tracking
+from pipeline import drift, registry, tracking
 from pipeline.audio import find_audio
 from pipeline.config import Params, load_params
 from pipeline.detect import AI_GENERATED, detect_files
@@ -157,21 +156,7 @@ def summarize(rows: list[dict], reference: list[float] | None, opts: MonitorPara
     return {"n_clips": len(rows), "n_scored": len(scored), "n_errors": len(rows) - len(scored),
             "ai_rate": round(float(np.mean([r["ai"] for r in scored])), 4) if scored else None,
             "histogram": {"edges": edges, "counts": counts}, "per_day": per_day,
-            "drift": judge_drift(scores, reference, opts)}
-
-
-def judge_drift(scores: list[float], reference: list[float] | None, opts: MonitorParams) -> dict:
-    out = {"metric": opts.drift_metric, "threshold": opts.drift_threshold, "n": len(scores),
-           "n_reference": len(reference or []), "psi": None, "ks": None, "value": None, "flagged": None}
-    if not reference:
-        return out | {"status": "no reference"}
-    if len(scores) < opts.min_clips:
-        return out | {"status": f"too few clips ({len(scores)} < min_clips {opts.min_clips})"}
-    out["psi"] = round(drift.psi(reference, scores, opts.bins), 4)
-    out["ks"] = round(drift.ks_statistic(reference, scores), 4)
-    out["value"] = out[opts.drift_metric]
-    out["flagged"] = out["value"] > opts.drift_threshold
-    return out | {"status": "drift" if out["flagged"] else "no drift"}
+            "drift": drift.judge(scores, reference, opts.drift_metric, opts.drift_threshold, opts.min_clips, opts.bins)}
 
 
 @task(name="log-to-mlflow", cache_policy=NO_CACHE, **TRACKING_RETRIES)

@@ -36,7 +36,8 @@ from pipeline.config import load_params
 
 STAGES = ("ingest", "augment", "finetune", "validate")
 DEFAULT_REASON = "retrain flow: candidate passed every validation gate"
-SUMMARY_METRICS = ("eer", "auc", "fpr", "recall", "new_recall", "threshold", "n_test", "n_new")
+SUMMARY_METRICS = ("eer", "auc", "fpr", "recall", "new_recall", "language_accuracy", "speakers_accuracy", "threshold",
+                   "n_test", "n_new")
 
 
 class RetrainParams(BaseModel):

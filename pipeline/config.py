@@ -174,6 +174,10 @@ class FinetuneConfig(Section):
     batch_size: int = Field(64, gt=0)
     train_last_block: bool = Field(False, description="also train the trunk's layer4")
     replay_per_class: int = Field(200, gt=0, description="segments of stored human (and earlier AI) speech per class")
+    new_share: float = Field(0.5, gt=0, le=1, description="share of the AI class's loss weight on the new samples "
+                             "(the rest on earlier AI replay)")
+    distill_weight: float = Field(1.0, ge=0, description="with train_last_block: weight of the loss that keeps the "
+                                  "language and speakers heads' outputs as production's")
     val_fraction: float = Field(0.25, gt=0, lt=1)
     patience: int = Field(10, gt=0)
     target_fpr: float = Field(0.01, ge=0, lt=1, description="threshold calibrated to this human FPR on held-out humans")
@@ -189,6 +193,8 @@ class GatesConfig(Section):
     max_fpr_increase: float = Field(0.01, ge=0, le=1)
     max_eer_increase: float = Field(0.01, ge=0, le=1)
     frozen_heads_unchanged: bool = True
+    max_head_accuracy_drop: float = Field(0.01, ge=0, le=1, description="language and speakers accuracy on held-out "
+                                          "clips may fall this much below production's (they move only when layer4 trains)")
 
 
 class ValidateConfig(Section):

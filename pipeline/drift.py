@@ -40,3 +40,20 @@ def least_certain(scores: Sequence[float], threshold: float, k: int) -> list[int
     """Indices of the k scores closest to the decision threshold, closest first (ties: input order)."""
     distance = np.abs(np.asarray(scores, float) - threshold)
     return [int(i) for i in np.argsort(distance, kind="stable")[:max(k, 0)]]
+
+
+def judge(scores: Sequence[float], reference: Sequence[float] | None, metric: str, limit: float,
+          min_clips: int, bins: int = 10) -> dict:
+    """Drift verdict of `scores` against `reference`: PSI and KS, flagged when `metric` exceeds `limit`.
+    Without reference scores, or with fewer than `min_clips` scores, nothing is flagged and the status says why."""
+    out = {"metric": metric, "threshold": limit, "n": len(scores), "n_reference": len(reference or []),
+           "psi": None, "ks": None, "value": None, "flagged": None}
+    if not reference:
+        return out | {"status": "no reference"}
+    if len(scores) < min_clips:
+        return out | {"status": f"too few clips ({len(scores)} < min_clips {min_clips})"}
+    out["psi"] = round(psi(reference, scores, bins), 4)
+    out["ks"] = round(ks_statistic(reference, scores), 4)
+    out["value"] = out[metric]
+    out["flagged"] = out["value"] > limit
+    return out | {"status": "drift" if out["flagged"] else "no drift"}

@@ -2,9 +2,13 @@
 
 Training data = the new samples' augmented copies + a replay set of stored human speech and
 earlier AI speech (train split only, source-balanced random crops, augmented the same way so
-that "augmented" cannot become an AI cue), class-balanced. By default only the `ai` head trains:
-the frozen trunk's embeddings are computed once per segment and the head is trained on them.
-With `train_last_block`, layer3 outputs are cached instead and layer4 trains too.
+that "augmented" cannot become an AI cue). The loss is class-balanced, and within the AI class
+the new samples carry `new_share` of the weight: a few dozen new copies are not drowned by the
+replay of generators the model already knows. By default only the `ai` head trains: the frozen
+trunk's embeddings are computed once per segment and the head is trained on them. With
+`train_last_block`, layer3 outputs are cached instead and layer4 trains too; the `language` and
+`speakers` heads then see a changed embedding, so a distillation loss (weight `distill_weight`)
+keeps their outputs on the training segments as production's.
 
 Early stopping uses held-out speakers of the replay set and held-out copies of the new samples.
 The decision threshold is calibrated on held-out human clips to `finetune.target_fpr`.
@@ -99,18 +103,50 @@ def concat(parts: list[Segments]) -> Segments:
 
 
 class Adapter(nn.Module):
-    """The trainable part: the ai head (and layer4 when train_last_block) on cached trunk outputs."""
+    """The trainable part: the ai head (and layer4 when train_last_block) on cached trunk outputs.
+    With layer4 it also holds frozen copies of the other heads, for the distillation loss."""
 
     def __init__(self, model: Detector, train_last_block: bool) -> None:
         super().__init__()
         self.layer4 = copy.deepcopy(model.trunk.layer4) if train_last_block else None
         self.dropout = copy.deepcopy(model.dropout)
         self.head = copy.deepcopy(model.heads["ai"])
+        self.other_heads = None
+        if train_last_block:
+            self.other_heads = nn.ModuleDict({k: copy.deepcopy(h) for k, h in model.heads.items() if k != "ai"})
+            self.other_heads.requires_grad_(False)
+
+    def embed(self, cached: torch.Tensor) -> torch.Tensor:
+        if self.layer4 is None:
+            return cached
+        return torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, n_mels/16, T/16)
 
     def forward(self, cached: torch.Tensor) -> torch.Tensor:
-        if self.layer4 is not None:  # cached: (B, 4w, n_mels/16, T/16) layer3 output
-            cached = torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(cached), 1), 1)
-        return self.head(self.dropout(cached))  # (B, 2)
+        return self.head(self.dropout(self.embed(cached)))  # (B, 2)
+
+
+def loss_weights(labels: np.ndarray, is_new: np.ndarray, new_share: float) -> torch.Tensor:
+    """Per-segment loss weights, mean 1: each class half of the total; within the AI class the new
+    samples carry `new_share` (all of it when there is no earlier AI, none when there are no new ones)."""
+    human = labels != AI_LABEL
+    new, old = ~human & is_new, ~human & ~is_new
+    share = new_share if old.any() and new.any() else float(new.any())
+    w = np.zeros(len(labels))
+    for mask, total in ((human, 0.5), (new, 0.5 * share), (old, 0.5 * (1 - share))):
+        if mask.any():
+            w[mask] = total / mask.sum()
+    return torch.from_numpy(w * len(w) / w.sum()).float()
+
+
+@torch.no_grad()
+def teacher_outputs(model: Detector, cached: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Production's log-probabilities of the language and speakers heads on cached layer3 outputs."""
+    model = model.to(device).eval()
+    parts = []
+    for i in range(0, len(cached), 64):
+        emb = torch.flatten(F.adaptive_avg_pool2d(model.trunk.layer4(cached[i:i + 64].to(device)), 1), 1)
+        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items() if k != "ai"})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
@@ -131,18 +167,21 @@ def cache_inputs(model: Detector, waves: np.ndarray, params: Params, train_last_
     return torch.cat(out)
 
 
-def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, train_mask: np.ndarray, val_mask: np.ndarray,
-                  params: Params, device) -> tuple[Adapter, list[dict]]:
-    """Adam on the trainable part, class-weighted loss, best epoch by validation EER (then loss)."""
+def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, is_new: np.ndarray, train_mask: np.ndarray,
+                  val_mask: np.ndarray, params: Params, device) -> tuple[Adapter, list[dict]]:
+    """Adam on the trainable part with the weighted loss (plus distillation when layer4 trains);
+    best epoch by validation EER, then validation loss."""
     cfg = params.finetune
     torch.manual_seed(cfg.seed)
     adapter = Adapter(model, cfg.train_last_block).to(device)
-    opt = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=cfg.lr)
     y = torch.from_numpy(seg.labels).long()
     x_tr, y_tr = cached[train_mask], y[train_mask]
     x_va, y_va = cached[val_mask].to(device), y[val_mask].to(device)
     check_labels(set(y_tr.tolist()), "the fine-tuning set")
-    weight = (len(y_tr) / (2 * torch.bincount(y_tr, minlength=2).clamp_min(1)).float()).to(device)
+    w_tr = loss_weights(seg.labels[train_mask], is_new[train_mask], cfg.new_share)
+    w_va = loss_weights(seg.labels[val_mask], is_new[val_mask], cfg.new_share).to(device)
+    teacher = teacher_outputs(model, x_tr, device) if adapter.other_heads is not None and cfg.distill_weight else None
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_key, history, stale = None, (float("inf"), float("inf")), [], 0
     for epoch in range(1, cfg.epochs + 1):
@@ -150,14 +189,20 @@ def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, train_ma
         order = torch.randperm(len(y_tr), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(adapter(x_tr[idx].to(device)), y_tr[idx].to(device), weight=weight)
+            emb = adapter.embed(x_tr[idx].to(device))
+            w = w_tr[idx].to(device)
+            loss = (F.cross_entropy(adapter.head(adapter.dropout(emb)), y_tr[idx].to(device), reduction="none") * w).sum() / w.sum()
+            if teacher is not None:
+                loss = loss + cfg.distill_weight * sum(
+                    F.kl_div(F.log_softmax(h(emb), -1), teacher[k][idx].to(device), reduction="batchmean", log_target=True)
+                    for k, h in adapter.other_heads.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         adapter.eval()
         with torch.no_grad():
-            logits = adapter(x_va)
-            val_loss = F.cross_entropy(logits, y_va, weight=weight).item()
+            logits = torch.cat([adapter(x_va[i:i + 256]) for i in range(0, len(x_va), 256)])
+            val_loss = ((F.cross_entropy(logits, y_va, reduction="none") * w_va).sum() / w_va.sum()).item()
             scores = logits.softmax(-1)[:, AI_LABEL].cpu().numpy()
         eer = compute_eer(scores, y_va.cpu().numpy())[0] if len(set(y_va.tolist())) == 2 else float("nan")
         history.append({"epoch": epoch, "val_loss": val_loss, "val_eer": eer})
@@ -212,9 +257,10 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     log.info("fine-tuning on %d segments (%d new-sample copies, %d human, %d earlier AI replay)",
              int((~seg.is_val).sum()), int((~new.is_val).sum()), n_h, n_ai_replay)
     cached = cache_inputs(model, seg.waves, params, cfg.train_last_block, device, cfg.seed)
-    adapter, history = train_adapter(model, cached, seg, ~seg.is_val, seg.is_val, params, device)
+    is_new = np.isin(seg.files, list(generators))
+    adapter, history = train_adapter(model, cached, seg, is_new, ~seg.is_val, seg.is_val, params, device)
     candidate = merge(model, adapter)
-    lofo = _leave_one_file_out(model, cached, seg, new, generators, params, device)
+    lofo = _leave_one_file_out(model, cached, seg, is_new, generators, params, device)
 
     # calibrate on held-out humans' whole clips, scored like production traffic
     scorer = Scorer(candidate, params.audio, params.features, str(device))
@@ -246,14 +292,14 @@ def _speaker_halves(clips: list[Clip], val_fraction: float, seed: int) -> tuple[
     return (train, val) if val else (clips, clips)
 
 
-def _leave_one_file_out(model, cached, seg: Segments, new: Segments, generators: dict[str, str], params: Params, device) -> dict:
+def _leave_one_file_out(model, cached, seg: Segments, is_new: np.ndarray, generators: dict[str, str], params: Params, device) -> dict:
     """Recall on the new generator from clips the head did not train on."""
     files = sorted(generators)
     store = Path(params.ingest.store)
     rows = {c.sha256: c for c in read_corpus(store)}
     if len(files) < 2:
         # one file: score its held-out augmented copies with the head trained on the others
-        adapter, _ = train_adapter(model, cached, seg, ~seg.is_val, seg.is_val, params, device)
+        adapter, _ = train_adapter(model, cached, seg, is_new, ~seg.is_val, seg.is_val, params, device)
         mask = torch.from_numpy(seg.is_val & (seg.files == files[0]))
         with torch.no_grad():
             scores = adapter(cached[mask].to(device)).softmax(-1)[:, AI_LABEL].cpu().numpy()
@@ -261,7 +307,7 @@ def _leave_one_file_out(model, cached, seg: Segments, new: Segments, generators:
     scores = {}
     for f in files:
         keep = seg.files != f
-        adapter, _ = train_adapter(model, cached, seg, ~seg.is_val & keep, seg.is_val & keep, params, device)
+        adapter, _ = train_adapter(model, cached, seg, is_new, ~seg.is_val & keep, seg.is_val & keep, params, device)
         held_out = merge(model, adapter)
         scorer = Scorer(held_out, params.audio, params.features, str(device))
         wave = load_audio(rows[f].path, params.audio)

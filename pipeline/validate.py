@@ -38,6 +38,13 @@ def score_clips(model: Detector, clips: list[Clip], params: Params) -> tuple[lis
     return [it.clip for it in loaded], [r.ai_score for r in results], results
 
 
+def head_accuracy(clips: list[Clip], results: list, languages: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy of the language head (clips of a language it knows) and the speakers head (all clips)."""
+    lang = [r.language == c.language for c, r in zip(clips, results) if c.language in languages]
+    spk = [(r.speakers == "several") == (c.n_speakers > 1) for c, r in zip(clips, results)]
+    return {"language": float(np.mean(lang)) if lang else 1.0, "speakers": float(np.mean(spk)) if spk else 1.0}
+
+
 def frozen_parts_unchanged(candidate: Detector, production: Detector, trunk_trained: bool) -> dict[str, bool]:
     """Bit-identity of what fine-tuning must not touch."""
     cand, prod = candidate.state_dict(), production.state_dict()
@@ -52,7 +59,8 @@ def frozen_parts_unchanged(candidate: Detector, production: Detector, trunk_trai
 
 
 def apply_gates(cand: dict, prod: dict, frozen: dict[str, bool], gates: GatesConfig) -> dict:
-    """Each gate's value, limit and pass/fail; the verdict passes only when all do."""
+    """Each gate's value, limit and pass/fail; the verdict passes only when all do.
+    cand/prod hold eer, fpr, new_recall and head_accuracy ({head: accuracy on held-out clips})."""
     results = {
         "new_generator_recall": (cand["new_recall"], gates.min_new_recall, cand["new_recall"] >= gates.min_new_recall, ">="),
         "human_fpr": (cand["fpr"], gates.max_human_fpr, cand["fpr"] <= gates.max_human_fpr, "<="),
@@ -60,7 +68,9 @@ def apply_gates(cand: dict, prod: dict, frozen: dict[str, bool], gates: GatesCon
                                     cand["fpr"] <= prod["fpr"] + gates.max_fpr_increase, "<="),
         "eer_vs_production": (cand["eer"], prod["eer"] + gates.max_eer_increase,
                               cand["eer"] <= prod["eer"] + gates.max_eer_increase, "<="),
-    }
+    } | {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
+                                            acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=")
+         for head, acc in sorted(cand["head_accuracy"].items())}
     out = {name: {"value": round(v, 4), "limit": round(lim, 4), "passed": bool(ok), "rule": f"{op} {lim:.4f}"}
            for name, (v, lim, ok, op) in results.items()}
     if gates.frozen_heads_unchanged:
@@ -91,7 +101,7 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
             "recall": test_only["recall"], "new_recall": float(np.mean(np.array(new_scores) >= thr)),
             "n_test": len(kept), "n_new": len(new_kept), "tables": tables, "scores": scores, "new_scores": new_scores,
             "language": [r.language for r in results], "speakers": [r.speakers for r in results],
-            "labels": [c.label for c in kept],
+            "labels": [c.label for c in kept], "head_accuracy": head_accuracy(kept, results, model.meta.languages),
         }
     cand, prod = out["candidate"], out["production"]
     agree = {h: float(np.mean([a == b for a, b in zip(cand[h], prod[h])])) for h in ("language", "speakers")}

@@ -124,6 +124,16 @@ def test_psi_and_ks_are_zero_for_the_same_scores_and_large_for_a_shift():
     assert drift.ks_statistic([0.05] * 50, [0.95] * 50) == pytest.approx(1.0), "disjoint samples have KS 1"
 
 
+def test_drift_verdict_needs_a_reference_and_enough_clips_then_flags_a_shift():
+    low, high = [0.05] * 40, [0.95] * 40
+    assert drift.judge(high, None, "psi", 0.2, min_clips=20)["status"] == "no reference"
+    few = drift.judge(high[:5], low, "psi", 0.2, min_clips=20)
+    assert few["flagged"] is None and few["status"].startswith("too few clips"), few
+    moved = drift.judge(high, low, "ks", 0.2, min_clips=20)
+    assert moved["flagged"] and moved["value"] == pytest.approx(1.0) and moved["status"] == "drift", moved
+    assert drift.judge(low, low, "psi", 0.2, min_clips=20)["status"] == "no drift"
+
+
 def test_reference_scores_are_read_from_either_artifact_shape():
     from flows.monitor import reference_scores
 

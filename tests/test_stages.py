@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import GatesConfig
 from pipeline.data import CorpusError
-from pipeline.finetune import finetune
+from pipeline.finetune import Adapter, finetune, loss_weights, teacher_outputs
 from pipeline.model import new_model
 from pipeline.stages import augment as augment_stage
 from pipeline.store import ClipInfo, from_corpus, ingest, read_manifest
@@ -106,8 +106,44 @@ def test_head_only_finetune_leaves_frozen_weights_bit_identical(project, small_c
     assert 0 <= report["calibration"]["threshold"], "a calibrated threshold is recorded"
 
 
-def _metrics(eer, fpr, new_recall):
-    return {"eer": eer, "fpr": fpr, "new_recall": new_recall}
+def test_loss_weights_balance_classes_and_give_the_new_samples_their_share():
+    labels = np.array([0] * 60 + [1] * 10 + [1] * 30)          # 60 human, 10 new-sample copies, 30 earlier AI
+    is_new = np.array([False] * 60 + [True] * 10 + [False] * 30)
+    w = loss_weights(labels, is_new, new_share=0.5).numpy()
+    assert w.mean() == pytest.approx(1.0), "weights average 1 (the loss keeps its scale)"
+    assert w[:60].sum() == pytest.approx(w[60:].sum()), "human and AI carry the same total weight"
+    assert w[60:70].sum() == pytest.approx(w[70:].sum()), "new samples carry new_share of the AI weight"
+    only_new = loss_weights(labels[:70], is_new[:70], new_share=0.5).numpy()
+    assert only_new[60:].sum() == pytest.approx(only_new[:60].sum()), "without earlier AI the new samples are the AI class"
+
+
+def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, small_corpus, tiny_params):
+    params = tiny_params.model_copy(update={"finetune": tiny_params.finetune.model_copy(update={"train_last_block": True})})
+    _ingest(from_corpus(small_corpus.root), params)
+    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
+    augment_stage.run(params)
+    torch.manual_seed(0)
+    base = new_model(["en"], params.audio, params.features, 8, 0.0).eval()
+    # the distillation target is production itself: an untrained adapter reproduces its other heads exactly
+    cached = torch.randn(4, 32, 5, 19)
+    adapter = Adapter(base, train_last_block=True).eval()
+    teacher = teacher_outputs(base, cached, "cpu")
+    with torch.no_grad():
+        emb = adapter.embed(cached)
+        for head, target in teacher.items():
+            assert torch.allclose(torch.log_softmax(adapter.other_heads[head](emb), -1), target, atol=1e-6), head
+    candidate, report = finetune(base, params)
+    before, after = base.state_dict(), candidate.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("trunk.layer4.", "heads.ai.")) for k in changed), \
+        f"only layer4 and the ai head may change: {sorted(changed)}"
+    assert any(k.startswith("trunk.layer4.") for k in changed), "layer4 did train"
+    assert report["trained"] == "ai head + layer4", report["trained"]
+
+
+def _metrics(eer, fpr, new_recall, language=0.8, speakers=0.9):
+    return {"eer": eer, "fpr": fpr, "new_recall": new_recall, "head_accuracy": {"language": language, "speakers": speakers}}
 
 
 @pytest.mark.parametrize(("cand", "frozen", "failed"), [
@@ -117,6 +153,8 @@ def _metrics(eer, fpr, new_recall):
     (_metrics(0.05, 0.035, 0.95), {"trunk": True}, {"human_fpr_vs_production"}),
     (_metrics(0.20, 0.01, 0.95), {"trunk": True}, {"eer_vs_production"}),
     (_metrics(0.05, 0.01, 0.95), {"trunk": False}, {"frozen_weights_unchanged"}),
+    # layer4 trained: the language head got worse on held-out clips
+    (_metrics(0.05, 0.01, 0.95, language=0.70), {"trunk (except layer4)": True}, {"language_accuracy_vs_production"}),
 ])
 def test_gates_on_constructed_cases(cand, frozen, failed):
     production = _metrics(0.06, 0.02, 0.10)

@@ -25,7 +25,8 @@ def run(params: Params) -> dict:
     finetune_report = json.loads(Path(params.finetune.report).read_text())
     result = validate(candidate, production, finetune_report, params)
     models = result["models"]
-    metrics = {name: {k: m[k] for k in SUMMARY_KEYS} for name, m in models.items()}
+    metrics = {name: {k: m[k] for k in SUMMARY_KEYS} | {f"{h}_accuracy": a for h, a in m["head_accuracy"].items()}
+               for name, m in models.items()}
     write_json(cfg.metrics, metrics)
     write_json(cfg.tables, {name: {k: m["tables"][k] for k in ("per_generator", "per_source")} for name, m in models.items()})
     write_plots({name: {"scores": m["scores"], "labels": m["labels"], "threshold": m["threshold"]}
@@ -46,7 +47,7 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
     with tracking.training_run(params, "validate", run_id=run_id):
         for name in ("candidate", "production"):
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in metrics[name].items()
-                                if k in SUMMARY_KEYS and isinstance(v, (int, float)) and v == v})
+                                if isinstance(v, (int, float)) and v == v})
         mlflow.log_metrics({f"gate_{n}": float(g["passed"]) for n, g in verdict["gates"].items()})
         mlflow.set_tag("validation_status", "passed" if verdict["passed"] else "failed")
         mlflow.log_artifact(cfg.metrics)
