@@ -110,6 +110,7 @@ def run_once(args, threads: int) -> dict:
 
     # the project, as tests/test_dvc_pipeline.py builds it
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", proj / ".gitignore")
     shutil.copytree(REPO / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(args.params, proj / "params.yaml")
     (proj / "data" / "incoming").mkdir(parents=True)

@@ -31,6 +31,7 @@ def dvc_project(tmp_path, monkeypatch, small_corpus, mlflow_store):
     """A fresh project repo: git + dvc init, the project's dvc.yaml, small params, a seeded store and a base model."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")   # as a clone has it (DVC refuses an ignored dvc.lock)
     shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     overrides = {"model": {"base_width": 8}, "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 8},
                  "finetune": {"epochs": 5, "replay_per_class": 24}, "augment": {"copies": 4}}

@@ -54,6 +54,7 @@ def make_project(root: Path, corpus, *, gates: dict, promotion: str = "manual") 
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")   # as a clone has it (DVC refuses an ignored dvc.lock)
     for package in ("pipeline", "flows"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
