@@ -56,7 +56,7 @@ if ! passed; then
   cp params.yaml "$backup"
   trap 'cp "$backup" params.yaml && rm -f "$backup"' EXIT
   sed -i -e 's/^  train_last_block: false/  train_last_block: true/' -e '/^finetune:/,/^$/s/^  lr: 0.0001$/  lr: 0.0003/' params.yaml
-  grep -n -A12 "^finetune:" params.yaml | grep -E "train_last_block|  lr:"
+  sed -n '/^finetune:/,/^$/p' params.yaml | grep -E "^  (lr|train_last_block):"
   run aivoice retrain --promote auto --reason "demo: the last-block candidate passed its validation gates"
   show_verdict
 fi
