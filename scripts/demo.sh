@@ -22,6 +22,25 @@ for r in v["before_after"]:
 PY
 }
 
+PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+URL="http://127.0.0.1:$PORT"
+served_version() { curl -sf "$URL/model" | python -c "import json, sys; print(json.load(sys.stdin)['version'])" 2>/dev/null || true; }
+serving_other_than() { local v; v=$(served_version); [ -n "$v" ] && [ "$v" != "$1" ]; }
+wait_until() {  # wait_until SECONDS WHAT COMMAND...: poll once a second; give up naming WHAT
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "gave up waiting for $what (see demo/serve.log)"; return 1; }
+    sleep 1
+  done
+}
+post_detect() {  # POST one clip to the service; one line: which version scored it, and how
+  printf '$ curl -s -F "file=@%s" %s/detect\n' "$1" "$URL"
+  curl -sf -F "file=@$1" "$URL/detect" | python -c 'import json, sys
+print("v{model_version} (@{model_alias}): {path} ai_score {ai_score:.3f} {label}".format(**json.load(sys.stdin)))'
+}
+cleanup=()   # run at exit, newest last: restore params.yaml, stop the service
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
+
 step "1. Build the demo corpus (human telephony prompts; espeak-ng, flite, festival as known AI; piper held aside)"
 run aivoice demo-corpus demo/corpus
 
@@ -54,7 +73,7 @@ if ! passed; then
   echo "   finetune and validate, whose parameters changed."
   backup=$(mktemp)
   cp params.yaml "$backup"
-  trap 'cp "$backup" params.yaml && rm -f "$backup"' EXIT
+  cleanup+=("cp '$backup' params.yaml && rm -f '$backup'")
   sed -i -e 's/^  train_last_block: false/  train_last_block: true/' -e '/^finetune:/,/^$/s/^  lr: 0.0001$/  lr: 0.0003/' params.yaml
   sed -n '/^finetune:/,/^$/p' params.yaml | grep -E "^  (lr|train_last_block):"
   run aivoice retrain --promote auto --reason "demo: the last-block candidate passed its validation gates"
@@ -63,10 +82,22 @@ fi
 run dvc metrics show
 
 if passed; then
-  step "7. The new champion on the other clips of the new voice and on unseen humans"
+  step "7. The new champion serves: aivoice serve (HTTP) and aivoice detect both score with @champion"
+  aivoice serve --port "$PORT" > demo/serve.log 2>&1 &
+  serve_pid=$!
+  cleanup+=("kill $serve_pid 2>/dev/null")
+  wait_until 120 "the service to load @champion" curl -sf -o /dev/null "$URL/health"
+  clip=$(ls demo/corpus/new_generator/*.wav | sed -n 3p)
+  run curl -s "$URL/model"; echo
+  post_detect "$clip"
   run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) demo/corpus/human_holdout || true
-  step "8. Roll back in one command: champion points at the previous version again, scores change back"
+  step "8. Roll back in one command: champion points at the previous version again; the running service follows"
+  promoted=$(served_version)
   run aivoice rollback --reason "demo: show the rollback"
+  # the service re-resolves @champion every serve.refresh_s (5 s) and after requests: no restart
+  wait_until 60 "the service to follow the rollback" serving_other_than "$promoted"
+  run curl -s "$URL/model"; echo
+  post_detect "$clip"
   run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) || true
 else
   step "7. No promotion: every candidate is a registered version with validation_status=failed; champion is unchanged"
