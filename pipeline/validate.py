@@ -39,7 +39,8 @@ def score_clips(model: Detector, clips: list[Clip], params: Params) -> tuple[lis
 
 
 def head_accuracy(clips: list[Clip], results: list, languages: tuple[str, ...]) -> dict[str, float]:
-    """Accuracy of the language head (clips of a language it knows) and the speakers head (all clips)."""
+    """Accuracy of the language head (clips of a language it knows) and the speakers head (all clips);
+    1.0 for a head with no clip to check."""
     lang = [r.language == c.language for c, r in zip(clips, results) if c.language in languages]
     spk = [(r.speakers == "several") == (c.n_speakers > 1) for c, r in zip(clips, results)]
     return {"language": float(np.mean(lang)) if lang else 1.0, "speakers": float(np.mean(spk)) if spk else 1.0}

@@ -15,7 +15,7 @@ from pipeline.finetune import Adapter, finetune, loss_weights, teacher_outputs
 from pipeline.model import new_model
 from pipeline.stages import augment as augment_stage
 from pipeline.store import ClipInfo, from_corpus, ingest, read_manifest
-from pipeline.validate import apply_gates
+from pipeline.validate import apply_gates, head_accuracy
 
 
 def _fingerprint(paths):
@@ -140,6 +140,20 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
         f"only layer4 and the ai head may change: {sorted(changed)}"
     assert any(k.startswith("trunk.layer4.") for k in changed), "layer4 did train"
     assert report["trained"] == "ai head + layer4", report["trained"]
+
+
+def test_head_accuracy_counts_known_languages_and_speaker_counts():
+    from types import SimpleNamespace as NS
+
+    from pipeline.data import Clip
+
+    clips = [Clip(Path(f"{i}.wav"), 0, "human", "s", lang, "src", n) for i, (lang, n) in
+             enumerate([("en", 1), ("fr", 1), ("xx", 2), ("en", 1)])]
+    results = [NS(language="en", speakers="single"), NS(language="en", speakers="single"),
+               NS(language="en", speakers="several"), NS(language="en", speakers="several")]
+    acc = head_accuracy(clips, results, languages=("en", "fr"))
+    assert acc["language"] == pytest.approx(2 / 3), "a language the head does not know is not counted"
+    assert acc["speakers"] == pytest.approx(3 / 4), "several talkers is right only for clips with n_speakers > 1"
 
 
 def _metrics(eer, fpr, new_recall, language=0.8, speakers=0.9):
