@@ -144,7 +144,7 @@ def teacher_outputs(model: Detector, cached: torch.Tensor, device) -> dict[str, 
     model = model.to(device).eval()
     parts = []
     for i in range(0, len(cached), 64):
-        emb = torch.flatten(F.adaptive_avg_pool2d(model.trunk.layer4(cached[i:i + 64].to(device)), 1), 1)
+        emb = model.trunk.from_layer3(cached[i:i + 64].to(device))
         parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items() if k != "ai"})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -155,15 +155,11 @@ def cache_inputs(model: Detector, waves: np.ndarray, params: Params, train_last_
     logmel = LogMel(params.audio, params.features).to(device)
     rng = np.random.default_rng(seed)
     model = model.to(device).eval()
-    trunk = model.trunk
+    frozen = model.trunk.to_layer3 if train_last_block else model.trunk
     out = []
     for i in range(0, len(waves), 64):
         x = augment_spec(logmel(torch.from_numpy(waves[i:i + 64]).to(device)), params.augment, rng)  # (B, 1, n_mels, T)
-        if train_last_block:
-            x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
-            out.append(trunk.layer3(trunk.layer2(trunk.layer1(x))).cpu())
-        else:
-            out.append(trunk(x).cpu())
+        out.append(frozen(x).cpu())
     return torch.cat(out)
 
 

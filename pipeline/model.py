@@ -56,10 +56,15 @@ class ResNet18Trunk(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = c_in
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def to_layer3(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, w, n_mels/4, T/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 8w, n_mels/32, T/32)
-        return torch.flatten(self.avgpool(x), 1)  # (B, 8w)
+        return self.layer3(self.layer2(self.layer1(x)))  # (B, 4w, n_mels/16, T/16)
+
+    def from_layer3(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.layer4(x)), 1)  # layer4: (B, 8w, n_mels/32, T/32) -> (B, 8w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_layer3(self.to_layer3(x))
 
 
 @dataclass(frozen=True)

@@ -87,13 +87,18 @@ def test_finetune_refuses_one_class(project, small_corpus, tiny_params):
         finetune(model, tiny_params)
 
 
-def test_head_only_finetune_leaves_frozen_weights_bit_identical(project, small_corpus, tiny_params):
-    _ingest(from_corpus(small_corpus.root), tiny_params)
+def _store_with_new_samples(small_corpus, params):
+    """The corpus and two new-generator clips stored, their copies augmented; a fresh narrow base model."""
+    _ingest(from_corpus(small_corpus.root), params)
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], tiny_params)
-    augment_stage.run(tiny_params)
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
+    augment_stage.run(params)
     torch.manual_seed(0)
-    base = new_model(["en"], tiny_params.audio, tiny_params.features, 8, 0.0).eval()
+    return new_model(["en"], params.audio, params.features, 8, 0.0).eval()
+
+
+def test_head_only_finetune_leaves_frozen_weights_bit_identical(project, small_corpus, tiny_params):
+    base = _store_with_new_samples(small_corpus, tiny_params)
     candidate, report = finetune(base, tiny_params)
     before, after = base.state_dict(), candidate.state_dict()
     for key in before:
@@ -119,12 +124,7 @@ def test_loss_weights_balance_classes_and_give_the_new_samples_their_share():
 
 def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, small_corpus, tiny_params):
     params = tiny_params.model_copy(update={"finetune": tiny_params.finetune.model_copy(update={"train_last_block": True})})
-    _ingest(from_corpus(small_corpus.root), params)
-    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
-    augment_stage.run(params)
-    torch.manual_seed(0)
-    base = new_model(["en"], params.audio, params.features, 8, 0.0).eval()
+    base = _store_with_new_samples(small_corpus, params)
     # the distillation target is production itself: an untrained adapter reproduces its other heads exactly
     cached = torch.randn(4, 32, 5, 19)
     adapter = Adapter(base, train_last_block=True).eval()
