@@ -1,7 +1,7 @@
 """Base-model EER on a labelled corpus (default: the shared third-party corpus), two ways.
 
-1. speaker-disjoint split (pipeline.data.split_by_speaker, train.val_fraction), trained exactly like
-   `aivoice bootstrap` (pipeline.train.train_model; the best epoch is chosen on that same validation
+1. speaker-disjoint split (pipeline.core.data.split_by_speaker, train.val_fraction), trained exactly like
+   `aivoice bootstrap` (pipeline.training.train.train_model; the best epoch is chosen on that same validation
    split, so this number is optimistic) -> overall EER/AUC, per-source and per-generator tables;
 2. leave-sources-out: whole sources are grouped into K seeded folds (linked sources kept together);
    for each fold a model is trained on the other sources (checkpoint chosen on a speaker-disjoint
@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
-from pipeline.data import Clip, read_corpus, split_by_source, split_by_speaker  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.metrics import summarize  # noqa: E402
-from pipeline.train import load_clips, train_model, validation_scores  # noqa: E402
+from pipeline.core.data import Clip, read_corpus, split_by_source, split_by_speaker  # noqa: E402
+from pipeline.training.evaluate import evaluate  # noqa: E402
+from pipeline.core.metrics import summarize  # noqa: E402
+from pipeline.training.train import load_clips, train_model, validation_scores  # noqa: E402
 
 log = logging.getLogger("bench.base_eer")
 

@@ -2,7 +2,7 @@
 
 For several disjoint pairs of the held-aside generator's clips (demo corpus `new_generator/`, sorted by
 name: files 0+1, 2+3, ...), each recipe fine-tunes the base model exactly as the finetune stage does
-(`pipeline.finetune.finetune`: augment stage, replay, early stopping, leave-one-file-out, threshold
+(`pipeline.training.finetune.finetune`: augment stage, replay, early stopping, leave-one-file-out, threshold
 calibrated on held-out humans) on a store holding the corpus plus that pair. Then the candidate scores,
 at its calibrated threshold:
 - the held-aside generator's OTHER clips (never ingested): recall and AUC against the humans below;
@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from _common import REPO, RESULTS, machine, md_table, write_json  # first: puts the project on sys.path
-from pipeline.audio import load_audio
+from pipeline.core.audio import load_audio
 from pipeline.config import load_params
-from pipeline.finetune import finetune
-from pipeline.metrics import roc_auc
-from pipeline.model import load_checkpoint
-from pipeline.scoring import Scorer, score_arrays
+from pipeline.training.finetune import finetune
+from pipeline.core.metrics import roc_auc
+from pipeline.core.model import load_checkpoint
+from pipeline.core.scoring import Scorer, score_arrays
 from pipeline.stages import augment as augment_stage
-from pipeline.store import ClipInfo, from_corpus, ingest
+from pipeline.io.store import ClipInfo, from_corpus, ingest
 
 RECIPES = {
     "head-noise-all": ("head, noise on all", {"augment.noise_prob": 1.0}),
@@ -76,7 +76,7 @@ def run_recipe(work: Path, base_store: Path, pair: list[Path], overrides: dict, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=REPO / "demo" / "corpus", help="made by `aivoice demo-corpus`")
+    ap.add_argument("--corpus", type=Path, default=REPO / "demo" / "corpus", help="made by `python scripts/demo_corpus.py`")
     ap.add_argument("--base", type=Path, default=REPO / "models" / "base.pt", help="base checkpoint (make demo trains one)")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--pairs", type=int, default=3, help="disjoint pairs of new-generator clips to ingest")

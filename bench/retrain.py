@@ -15,7 +15,7 @@ Base model: --base CKPT (default: models/base.pt of this checkout if present: fu
 (--bootstrap-epochs/--bootstrap-steps; only the ai head is fine-tuned, so the retrain's cost does not
 depend on how well the base was trained, but its verdict does).
 
-Corpus: --corpus DIR made by `aivoice demo-corpus` (needs new_generator/ and human_holdout/). Default:
+Corpus: --corpus DIR made by `python scripts/demo_corpus.py` (needs new_generator/ and human_holdout/). Default:
 demo/corpus, else build/test-corpus, else one is built into the work folder (~25 s, offline).
 
     python bench/retrain.py                        # the target: < 120 s end to end on 2 CPU cores
@@ -57,7 +57,7 @@ def pick_corpus(arg: Path | None, work: Path, env: dict) -> tuple[Path, str]:
     for cand in (REPO / "demo" / "corpus", REPO / "build" / "test-corpus"):
         if (cand / "MANIFEST.csv").exists() and (cand / "new_generator").is_dir():
             return cand, "existing"
-    secs, _ = sh([str(BIN / "aivoice"), "demo-corpus", str(work / "corpus")], work, env)
+    secs, _ = sh([str(BIN / "python"), str(REPO / "scripts" / "demo_corpus.py"), str(work / "corpus")], work, env)
     return work / "corpus", f"built in {secs:.0f} s"
 
 

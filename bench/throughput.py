@@ -1,8 +1,8 @@
 """Detection throughput (x realtime), decode included, through the same path as `aivoice detect`.
 
 Each measurement runs in a fresh Python process (so its peak RSS is its own): the model is loaded
-with pipeline.registry.load_model (a checkpoint file, as `aivoice detect --model FILE`), a Scorer is
-built, one warm-up batch is scored, then `pipeline.detect.detect_files` scores the files (streamed
+with pipeline.io.registry.load_model (a checkpoint file, as `aivoice detect --model FILE`), a Scorer is
+built, one warm-up batch is scored, then `pipeline.apps.detect.detect_files` scores the files (streamed
 decode + resample + log-mel + model, windows batched across files) and the wall time is taken.
 Reported per `detect.batch_windows` setting: audio seconds, wall seconds, x realtime (audio s / wall s),
 windows/s, speed-up vs batch 1 measured in the same invocation, peak RSS.
@@ -46,10 +46,10 @@ def worker(spec: dict) -> dict:
     import soundfile as sf
     import torch
 
-    from pipeline import registry
+    from pipeline.io import registry
     from pipeline.config import load_params
-    from pipeline.detect import detect_files
-    from pipeline.scoring import Scorer
+    from pipeline.apps.detect import detect_files
+    from pipeline.core.scoring import Scorer
 
     torch.set_num_threads(spec["threads"])
     params = load_params(spec["params"], overrides={"detect.batch_windows": spec["batch"]})
@@ -108,7 +108,7 @@ def make_long_file(path: Path, minutes: float, sr: int = 16000) -> Path:
 
 def untrained_checkpoint(params_path: Path, out: Path, width: int | None) -> Path:
     from pipeline.config import load_params
-    from pipeline.model import new_model, save_checkpoint
+    from pipeline.core.model import new_model, save_checkpoint
 
     params = load_params(params_path)
     model = new_model(["unknown"], params.audio, params.features, width or params.model.base_width, params.model.dropout)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
-    from pipeline.audio import find_audio
+    from pipeline.core.audio import find_audio
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="aivoice-bench-"))

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
-from pipeline import registry
+from pipeline.io import registry
 from pipeline.config import Params, load_params
 from pipeline.stages import bootstrap as bootstrap_stage
 

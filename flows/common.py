@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException, RestException
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task, exponential_backoff
 
-from pipeline import tracking
+from pipeline.io import tracking
 
 # MLflow error codes a server answers with when trying again later can succeed (HTTP 429, 503, 504)
 TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",

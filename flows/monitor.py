@@ -35,12 +35,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES
-from pipeline import drift, registry, tracking
-from pipeline.audio import find_audio
+from pipeline.core import drift
+from pipeline.io import registry, tracking
+from pipeline.core.audio import find_audio
 from pipeline.config import Params, load_params
-from pipeline.detect import AI_GENERATED, detect_files
-from pipeline.model import load_checkpoint
-from pipeline.scoring import Scorer
+from pipeline.apps.detect import AI_GENERATED, detect_files
+from pipeline.core.model import load_checkpoint
+from pipeline.core.scoring import Scorer
 
 REVIEW_MANIFEST = "MANIFEST.csv"   # the name `aivoice ingest --corpus <folder>` reads
 REVIEW_COLUMNS = ("path", "ai_score", "threshold", "suggested_label", "label", "generator", "original_path", "day",

@@ -72,7 +72,7 @@ Mp3Range = Annotated[tuple[Mp3Level, Mp3Level], _Ordered]
 
 
 class AugmentConfig(Section):
-    """Training-time augmentation (pipeline.augment); every transform has a switch and a probability."""
+    """Training-time augmentation (pipeline.core.augment); every transform has a switch and a probability."""
 
     copies: int = Field(20, gt=0, description="augmented copies per clip")
     noise: bool = True

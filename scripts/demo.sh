@@ -42,7 +42,7 @@ cleanup=()   # run at exit, newest last: restore params.yaml, stop the service
 trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
 
 step "1. Build the demo corpus (human telephony prompts; espeak-ng, flite, festival as known AI; piper held aside)"
-run aivoice demo-corpus demo/corpus
+run python scripts/demo_corpus.py demo/corpus
 
 step "2. Version it: ingest into the DVC-tracked store (re-ingesting is a no-op)"
 run aivoice ingest --corpus demo/corpus

@@ -3,11 +3,15 @@ test_audio) and `speech_like` (synthetic speech-like signal factory, test_audio/
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# the demo-corpus builder is demo tooling, kept outside the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def make_speech_like(seconds: float, sr: int, *, seed: int = 0, level: float = 0.3,
@@ -91,7 +95,7 @@ def tiny_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     import torch
 
     from pipeline.config import load_params, params_hash
-    from pipeline.model import new_model, save_checkpoint
+    from pipeline.core.model import new_model, save_checkpoint
 
     params = load_params("/nonexistent")
     counter = itertools.count()
@@ -114,7 +118,7 @@ TEST_CORPUS_DIR = Path(__file__).resolve().parents[1] / "build" / "test-corpus"
 def small_corpus():
     """A small demo corpus (real human prompts, espeak-ng/flite/festival AI, piper as the new generator),
     built once into build/test-corpus and reused across runs."""
-    from pipeline.demo_corpus import build_demo_corpus
+    from demo_corpus import build_demo_corpus
 
     return build_demo_corpus(TEST_CORPUS_DIR, n_human=24, n_ai_per_engine=8, n_new=4, seed=0)
 

@@ -1,4 +1,4 @@
-"""Audio front end (pipeline.audio) on real and broken input, as its docstrings promise.
+"""Audio front end (pipeline.core.audio) on real and broken input, as its docstrings promise.
 
 Every file is written with soundfile into tmp_path (synthetic speech-like signals); the real clips
 of the shared corpus are used where it is present and skipped with a reason where it is not.
@@ -17,9 +17,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from pipeline.audio import _READ_FRAMES, AudioError, _BlockResampler, find_audio, load_audio, resample, stream_audio
+from pipeline.core.audio import _READ_FRAMES, AudioError, _BlockResampler, find_audio, load_audio, resample, stream_audio
 from pipeline.config import AudioConfig
-from pipeline.features import stream_windows, window_starts
+from pipeline.core.features import stream_windows, window_starts
 
 CFG = AudioConfig()  # defaults: 24 kHz mono float32, min 0.25 s, silence peak 1e-4, 60 s blocks
 SR = CFG.sample_rate

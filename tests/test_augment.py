@@ -1,4 +1,4 @@
-"""Unit tests of pipeline.augment: reproducibility, shapes, and what each transform does to a signal."""
+"""Unit tests of pipeline.core.augment: reproducibility, shapes, and what each transform does to a signal."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.augment import (
+from pipeline.core.augment import (
     AugmentConfig, WaveParams, add_noise, augment_copies, augment_spec, augment_wave,
     band_limit, codec_roundtrip, draw_spec_params, draw_wave_params, pitch_shift_mel, time_stretch,
 )

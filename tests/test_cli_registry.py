@@ -5,8 +5,8 @@ import json
 import pytest
 import soundfile as sf
 
-from pipeline import registry
-from pipeline.cli import main
+from pipeline.io import registry
+from pipeline.apps.cli import main
 
 
 @pytest.fixture

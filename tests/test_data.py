@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.data import Clip, CorpusError, check_two_classes, read_corpus, split_by_source, split_by_speaker
+from pipeline.core.data import Clip, CorpusError, check_two_classes, read_corpus, split_by_source, split_by_speaker
 
 
 def _clip(i, label, speaker, source="src"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from pipeline.demo_corpus import (
+from demo_corpus import (
     MANIFEST_COLUMNS,
     N_HOLDOUT,
     PHRASE_S,

@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.cli import main
-from pipeline.model import new_model, save_checkpoint
+from pipeline.apps.cli import main
+from pipeline.core.model import new_model, save_checkpoint
 
 
 @pytest.fixture

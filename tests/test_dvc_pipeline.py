@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main as aivoice
+from pipeline.apps.cli import main as aivoice
 from pipeline.config import load_params
-from pipeline import registry
+from pipeline.io import registry
 from pipeline.stages.bootstrap import run as run_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Log-mel front end and segmentation (pipeline.features), as their docstrings promise."""
+"""Log-mel front end and segmentation (pipeline.core.features), as their docstrings promise."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import AudioConfig, FeatureConfig, load_params
-from pipeline.features import LogMel, fit_length, random_crop, stream_windows, window_starts, windows
+from pipeline.core.features import LogMel, fit_length, random_crop, stream_windows, window_starts, windows
 
 
 @pytest.fixture(scope="module")

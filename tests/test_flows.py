@@ -24,7 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from pipeline import drift
+from pipeline.core import drift
 from flows.common import is_transient
 from pipeline.config import ParamsError
 
@@ -50,7 +50,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 def make_project(root: Path, corpus, *, gates: dict, promotion: str = "manual") -> Path:
     """A fresh project: dvc.yaml, pipeline/, flows/, tiny params, git + dvc init, the corpus ingested
     into the store, and two clips of a new generator waiting in data/incoming."""
-    from pipeline.cli import main as aivoice
+    from pipeline.apps.cli import main as aivoice
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -75,7 +75,7 @@ def make_project(root: Path, corpus, *, gates: dict, promotion: str = "manual") 
 
 
 def run_tags(run_id: str) -> dict:
-    from pipeline import tracking
+    from pipeline.io import tracking
 
     return tracking.configure().get_run(run_id).data.tags
 
@@ -191,7 +191,7 @@ def project(tmp_path, monkeypatch, small_corpus, mlflow_store, tiny_checkpoint, 
     registered directly ("tiny", seconds instead of a training run)."""
     from flows.bootstrap import run_bootstrap
     from flows.monitor import load_reference
-    from pipeline import registry
+    from pipeline.io import registry
 
     def make(gates: dict, promotion: str = "manual", champion: str = "tiny") -> Path:
         root = make_project(tmp_path / "project", small_corpus, gates=gates, promotion=promotion)
@@ -215,7 +215,7 @@ def project(tmp_path, monkeypatch, small_corpus, mlflow_store, tiny_checkpoint, 
 @pytest.mark.integration
 def test_retrain_with_a_failed_gate_promotes_nothing(project):
     from flows.retrain import RetrainParams, retrain
-    from pipeline import registry
+    from pipeline.io import registry
 
     # given a champion trained by the bootstrap flow, gates no tiny model can pass, and promotion auto
     project(STRICT_GATES, champion="bootstrap")
@@ -252,7 +252,7 @@ def test_retrain_with_a_failed_gate_promotes_nothing(project):
 @pytest.mark.integration
 def test_retrain_manual_then_auto_promotion_survives_a_transient_registry_fault(project, monkeypatch):
     from flows.retrain import RetrainParams, promote, retrain
-    from pipeline import registry
+    from pipeline.io import registry
 
     # given relaxed gates and manual promotion in params.yaml
     project(RELAXED_GATES, promotion="manual")
@@ -297,7 +297,7 @@ def test_retrain_manual_then_auto_promotion_survives_a_transient_registry_fault(
 @pytest.mark.integration
 def test_retrain_does_not_retry_a_deterministic_fault(tmp_path, monkeypatch, mlflow_store, prefect_backend):
     from flows.retrain import RetrainParams, retrain
-    from pipeline import registry
+    from pipeline.io import registry
 
     # given a registry with no champion (a deterministic failure: retrying cannot help)
     calls = []
@@ -336,8 +336,8 @@ def _sha(path: Path) -> str:
 def test_monitor_flags_drift_queues_uncertain_clips_and_logs_to_mlflow(tmp_path, monkeypatch, small_corpus,
                                                                         mlflow_store, tiny_checkpoint, prefect_backend):
     from flows.monitor import REVIEW_COLUMNS, run_monitor
-    from pipeline import registry, tracking
-    from pipeline.cli import main as aivoice
+    from pipeline.io import registry, tracking
+    from pipeline.apps.cli import main as aivoice
 
     monkeypatch.chdir(tmp_path)
     # given a champion and two days of production traffic
@@ -411,7 +411,7 @@ def test_monitor_flags_drift_queues_uncertain_clips_and_logs_to_mlflow(tmp_path,
 
 
 def _scores(mlflow_run_id: str) -> list[dict]:
-    from pipeline import tracking
+    from pipeline.io import tracking
 
     client = tracking.configure()
     with contextlib.ExitStack() as stack:

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import compute_eer, rates_at, roc_auc, summarize, threshold_at_fpr
+from pipeline.core.metrics import compute_eer, rates_at, roc_auc, summarize, threshold_at_fpr
 
 
 def test_perfect_separation_has_zero_eer_and_unit_auc():

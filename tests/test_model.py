@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline.config import load_params
-from pipeline.import_checkpoint import import_checkpoint
-from pipeline.model import CheckpointError, load_checkpoint, new_model, save_checkpoint
+from pipeline.io.import_checkpoint import import_checkpoint
+from pipeline.core.model import CheckpointError, load_checkpoint, new_model, save_checkpoint
 
 
 class Evil:

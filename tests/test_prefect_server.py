@@ -90,7 +90,7 @@ def prefect_server(tmp_path):
 
 def test_scheduled_deployment_runs_retrain_on_a_worker(tmp_path, small_corpus, mlflow_store, tiny_checkpoint,
                                                         prefect_server, monkeypatch):
-    from pipeline import registry, tracking
+    from pipeline.io import registry, tracking
 
     env = prefect_server | {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "AIVOICE_ARTIFACT_ROOT", "AIVOICE_CACHE_DIR")}
     # given a project with new samples waiting, a champion in the registry, and auto promotion

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import registry, tracking
+from pipeline.io import registry, tracking
 from pipeline.config import load_params, params_hash
-from pipeline.model import load_checkpoint
-from pipeline.registry import CHALLENGER, CHAMPION, PREVIOUS, PromotionError, RegistryError
-from pipeline.scoring import Scorer
+from pipeline.core.model import load_checkpoint
+from pipeline.io.registry import CHALLENGER, CHAMPION, PREVIOUS, PromotionError, RegistryError
+from pipeline.core.scoring import Scorer
 
 PARAMS = load_params("/nonexistent")
 

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from pipeline import registry
+from pipeline.io import registry
 from pipeline.config import load_params
-from pipeline.serve import create_app
+from pipeline.apps.serve import create_app
 
 PARAMS = load_params("/nonexistent")
 

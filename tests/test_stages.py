@@ -10,12 +10,12 @@ import soundfile as sf
 import torch
 
 from pipeline.config import GatesConfig
-from pipeline.data import CorpusError
-from pipeline.finetune import Adapter, finetune, loss_weights, teacher_outputs
-from pipeline.model import new_model
+from pipeline.core.data import CorpusError
+from pipeline.training.finetune import Adapter, finetune, loss_weights, teacher_outputs
+from pipeline.core.model import new_model
 from pipeline.stages import augment as augment_stage
-from pipeline.store import ClipInfo, from_corpus, ingest, read_manifest
-from pipeline.validate import apply_gates, head_accuracy
+from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
+from pipeline.training.validate import apply_gates, head_accuracy
 
 
 def _fingerprint(paths):
@@ -145,7 +145,7 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
 def test_head_accuracy_counts_known_languages_and_speaker_counts():
     from types import SimpleNamespace as NS
 
-    from pipeline.data import Clip
+    from pipeline.core.data import Clip
 
     clips = [Clip(Path(f"{i}.wav"), 0, "human", "s", lang, "src", n) for i, (lang, n) in
              enumerate([("en", 1), ("fr", 1), ("xx", 2), ("en", 1)])]

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pipeline.data import CorpusError
-from pipeline.model import load_checkpoint
-from pipeline.train import bootstrap
+from pipeline.core.data import CorpusError
+from pipeline.core.model import load_checkpoint
+from pipeline.training.train import bootstrap
 
 pytestmark = pytest.mark.integration
 

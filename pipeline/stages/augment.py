@@ -15,12 +15,12 @@ from pathlib import Path
 
 import soundfile as sf
 
-from pipeline.audio import load_audio
-from pipeline.augment import augment_copies
+from pipeline.core.audio import load_audio
+from pipeline.core.augment import augment_copies
 from pipeline.config import Params
-from pipeline.data import CorpusError
+from pipeline.core.data import CorpusError
 from pipeline.stages.common import stage_main
-from pipeline.store import read_manifest
+from pipeline.io.store import read_manifest
 
 INDEX = "index.csv"
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import registry, tracking
+from pipeline.io import registry, tracking
 from pipeline.config import Params, load_params
-from pipeline.data import LABELS
-from pipeline.plots import write_plots
-from pipeline.train import bootstrap
+from pipeline.core.data import LABELS
+from pipeline.training.plots import write_plots
+from pipeline.training.train import bootstrap
 
 
 def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None) -> dict:

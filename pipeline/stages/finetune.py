@@ -6,11 +6,11 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import tracking
+from pipeline.io import tracking
 from pipeline.config import Params, params_hash
-from pipeline.data import data_hash, read_corpus
-from pipeline.finetune import finetune
-from pipeline.model import load_checkpoint, save_checkpoint
+from pipeline.core.data import data_hash, read_corpus
+from pipeline.training.finetune import finetune
+from pipeline.core.model import load_checkpoint, save_checkpoint
 from pipeline.stages.common import stage_main, write_json
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.audio import find_audio
+from pipeline.core.audio import find_audio
 from pipeline.config import Params
-from pipeline.data import LABELS
+from pipeline.core.data import LABELS
 from pipeline.stages.common import stage_main, write_json
-from pipeline.store import ClipInfo, ingest
+from pipeline.io.store import ClipInfo, ingest
 
 
 def incoming_items(incoming: Path) -> list[tuple[Path, ClipInfo]]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline import registry, tracking
+from pipeline.io import registry, tracking
 from pipeline.config import Params
-from pipeline.model import load_checkpoint
-from pipeline.plots import write_plots
+from pipeline.core.model import load_checkpoint
+from pipeline.training.plots import write_plots
 from pipeline.stages.common import stage_main, write_json
-from pipeline.validate import validate
+from pipeline.training.validate import validate
 
 SUMMARY_KEYS = ("threshold", "eer", "auc", "fpr", "recall", "new_recall", "n_test", "n_new")
 

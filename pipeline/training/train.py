@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, load_audio
-from pipeline.augment import augment_spec, augment_wave
+from pipeline.core.audio import AudioError, load_audio
+from pipeline.core.augment import augment_spec, augment_wave
 from pipeline.config import Params, params_hash
-from pipeline.data import UNKNOWN, Clip, check_two_classes, data_hash, read_corpus, split_by_speaker
-from pipeline.evaluate import evaluate
-from pipeline.features import LogMel, random_crop
-from pipeline.metrics import compute_eer
-from pipeline.model import Detector, new_model, save_checkpoint
-from pipeline.scoring import Scorer, pick_device, score_arrays
+from pipeline.core.data import UNKNOWN, Clip, check_two_classes, data_hash, read_corpus, split_by_speaker
+from pipeline.training.evaluate import evaluate
+from pipeline.core.features import LogMel, random_crop
+from pipeline.core.metrics import compute_eer
+from pipeline.core.model import Detector, new_model, save_checkpoint
+from pipeline.core.scoring import Scorer, pick_device, score_arrays
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
 from pipeline.config import AudioConfig, FeatureConfig, Params, params_hash
-from pipeline.model import ModelMeta, load_checkpoint
+from pipeline.core.model import ModelMeta, load_checkpoint
 
 DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
@@ -173,7 +173,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     model's sample rate). Output: DataFrame with ai_score, label and error (None when scored)."""
 
     def load_context(self, context) -> None:
-        from pipeline.scoring import Scorer
+        from pipeline.core.scoring import Scorer
 
         model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.params = params_from_meta(model.meta)
@@ -181,8 +181,8 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         self.scorer = Scorer(model, self.params.audio, self.params.features, "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from pipeline.detect import AI_GENERATED, HUMAN, detect_files
-        from pipeline.scoring import score_arrays
+        from pipeline.apps.detect import AI_GENERATED, HUMAN, detect_files
+        from pipeline.core.scoring import score_arrays
 
         if "audio_path" in model_input.columns:
             found = detect_files([Path(p) for p in model_input["audio_path"]], self.scorer, self.params, self.threshold)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.audio import AudioError
+from pipeline.core.audio import AudioError
 from pipeline.config import AudioConfig, DetectConfig, FeatureConfig
-from pipeline.features import LogMel, windows
-from pipeline.model import AI_LABEL, SPEAKER_CLASSES, Detector
+from pipeline.core.features import LogMel, windows
+from pipeline.core.model import AI_LABEL, SPEAKER_CLASSES, Detector
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -2,7 +2,7 @@
 pure functions apply them (the descript-audiotools habit), so the same seed gives the same output.
 
 Waveforms are 1-D float32 arrays at `sr`; spectrograms are log-mel tensors (1, n_mels, T) or
-(B, 1, n_mels, T) as made by `pipeline.features.LogMel`.
+(B, 1, n_mels, T) as made by `pipeline.core.features.LogMel`.
 
 Waveform chain, in order (each switchable, each with its own probability):
 - time stretch by `rate` in `stretch_range` (0.9-1.1x): phase vocoder, so pitch is kept; the
@@ -31,9 +31,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from pipeline.audio import resample
+from pipeline.core.audio import resample
 from pipeline.config import AugmentConfig, Codec
-from pipeline.features import fit_length, random_crop
+from pipeline.core.features import fit_length, random_crop
 
 # ---------------------------------------------------------------- waveform transforms (pure)
 

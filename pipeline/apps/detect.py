@@ -11,10 +11,10 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, stream_audio
+from pipeline.core.audio import AudioError, stream_audio
 from pipeline.config import Params
-from pipeline.features import stream_windows
-from pipeline.scoring import Scorer, score_streams
+from pipeline.core.features import stream_windows
+from pipeline.core.scoring import Scorer, score_streams
 
 AI_GENERATED, HUMAN = "AI_GENERATED", "HUMAN"
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.audio import AudioError, audio_info, load_audio
+from pipeline.core.audio import AudioError, audio_info, load_audio
 from pipeline.config import AudioConfig, IngestConfig
-from pipeline.data import LABELS, UNKNOWN, file_sha256, read_corpus, source_of
+from pipeline.core.data import LABELS, UNKNOWN, file_sha256, read_corpus, source_of
 
 MANIFEST = "MANIFEST.csv"
 COLUMNS = ("path", "sha256", "label", "generator", "speaker", "language", "n_speakers", "duration_s",

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from pipeline.config import GatesConfig, Params
-from pipeline.data import Clip, CorpusError, check_two_classes, read_corpus
-from pipeline.evaluate import evaluate
-from pipeline.model import AI_LABEL, Detector
-from pipeline.scoring import Scorer, score_arrays
-from pipeline.train import load_clips
+from pipeline.core.data import Clip, CorpusError, check_two_classes, read_corpus
+from pipeline.training.evaluate import evaluate
+from pipeline.core.model import AI_LABEL, Detector
+from pipeline.core.scoring import Scorer, score_arrays
+from pipeline.training.train import load_clips
 
 
 def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], list[Clip]]:

@@ -5,9 +5,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.data import Clip
-from pipeline.metrics import summarize
-from pipeline.model import AI_LABEL
+from pipeline.core.data import Clip
+from pipeline.core.metrics import summarize
+from pipeline.core.model import AI_LABEL
 
 
 def check_aligned(clips: list[Clip], scores: list[float]) -> None:

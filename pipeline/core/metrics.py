@@ -1,4 +1,4 @@
-"""Detection metrics on clip scores. Label 1 = AI (pipeline.model.AI_LABEL), 0 = human.
+"""Detection metrics on clip scores. Label 1 = AI (pipeline.core.model.AI_LABEL), 0 = human.
 
 All functions take 1-D arrays of scores in [0, 1] and of labels in {0, 1}; a clip is called AI
 when its score >= threshold.

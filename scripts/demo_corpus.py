@@ -651,7 +651,7 @@ def _write_manifest(path: Path, rows: list[list[str]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pipeline.demo_corpus OUT_DIR [--seed N]``."""
+    """Command line: ``python scripts/demo_corpus.py OUT_DIR [--seed N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-human", type=int, default=160)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import AUDIO_SUFFIXES
-from pipeline.model import AI_LABEL
+from pipeline.core.audio import AUDIO_SUFFIXES
+from pipeline.core.model import AI_LABEL
 
 LABELS = {"human": 1 - AI_LABEL, "ai": AI_LABEL}
 UNKNOWN = "unknown"
@@ -35,7 +35,7 @@ class Clip:
     source: str
     n_speakers: int = 1
     sha256: str = ""
-    split: str = ""     # "train" or "test" when the manifest fixes it (see pipeline.store)
+    split: str = ""     # "train" or "test" when the manifest fixes it (see pipeline.io.store)
 
     @property
     def id(self) -> str:

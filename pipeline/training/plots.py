@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.metrics import roc_points  # noqa: E402
+from pipeline.core.metrics import roc_points  # noqa: E402
 
 
 def write_plots(models: dict[str, dict], out: Path) -> list[Path]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from pipeline import registry
+from pipeline.io import registry
 from pipeline.config import Params
-from pipeline.detect import detect_files
-from pipeline.scoring import Scorer
+from pipeline.apps.detect import detect_files
+from pipeline.core.scoring import Scorer
 
 log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024  # multipart framing around the file, allowed on top of the size limit

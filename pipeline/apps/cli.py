@@ -12,10 +12,10 @@ log = logging.getLogger("aivoice")
 
 
 def _cmd_detect(args, params) -> int:
-    from pipeline import registry
-    from pipeline.audio import find_audio
-    from pipeline.detect import detect_files, write_results
-    from pipeline.scoring import Scorer
+    from pipeline.io import registry
+    from pipeline.core.audio import find_audio
+    from pipeline.apps.detect import detect_files, write_results
+    from pipeline.core.scoring import Scorer
 
     model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
     model_ref = _describe_model(resolved, params)
@@ -40,7 +40,7 @@ def _describe_model(resolved, params) -> str:
 
 
 def _cmd_bootstrap(args, params) -> int:
-    from pipeline.evaluate import GENERATOR_COLUMNS, format_table
+    from pipeline.training.evaluate import GENERATOR_COLUMNS, format_table
     from pipeline.stages.bootstrap import run
 
     report = run(params, args.corpus, args.out, args.report)
@@ -57,9 +57,9 @@ def _cmd_bootstrap(args, params) -> int:
 
 
 def _cmd_import(args, params) -> int:
-    from pipeline import registry
-    from pipeline.import_checkpoint import import_checkpoint
-    from pipeline.model import save_checkpoint
+    from pipeline.io import registry
+    from pipeline.io.import_checkpoint import import_checkpoint
+    from pipeline.core.model import save_checkpoint
 
     languages = args.languages.split(",") if args.languages else None
     model, report = import_checkpoint(args.file, params, languages)
@@ -72,9 +72,9 @@ def _cmd_import(args, params) -> int:
 
 
 def _cmd_ingest(args, params) -> int:
-    from pipeline.audio import find_audio
+    from pipeline.core.audio import find_audio
     from pipeline.stages.common import write_json
-    from pipeline.store import ClipInfo, from_corpus, ingest
+    from pipeline.io.store import ClipInfo, from_corpus, ingest
 
     cfg = params.ingest
     if args.corpus:
@@ -100,7 +100,7 @@ def _cmd_ingest(args, params) -> int:
 
 
 def _cmd_promote(args, params) -> int:
-    from pipeline import registry
+    from pipeline.io import registry
 
     event = registry.promote(args.version, reason=args.reason, force=args.force, name=params.registry.model_name)
     print(f"champion -> v{event['version']} (previous-champion v{event['previous']}); by {event['user']}: {event['reason']}")
@@ -108,7 +108,7 @@ def _cmd_promote(args, params) -> int:
 
 
 def _cmd_rollback(args, params) -> int:
-    from pipeline import registry
+    from pipeline.io import registry
 
     event = registry.rollback(args.to, reason=args.reason, name=params.registry.model_name)
     print(f"champion -> v{event['version']} (rolled back from v{event['previous']}); by {event['user']}: {event['reason']}")
@@ -116,7 +116,7 @@ def _cmd_rollback(args, params) -> int:
 
 
 def _cmd_models(args, params) -> int:
-    from pipeline import registry
+    from pipeline.io import registry
 
     name = params.registry.model_name
     versions = registry.list_versions(name)
@@ -138,7 +138,7 @@ def _cmd_models(args, params) -> int:
 
 
 def _cmd_export(args, params) -> int:
-    from pipeline import registry
+    from pipeline.io import registry
 
     resolved = registry.export_champion(args.path, params.registry.model_name)
     print(f"{args.path}: {params.registry.model_name} v{resolved.version} (@champion)")
@@ -146,7 +146,7 @@ def _cmd_export(args, params) -> int:
 
 
 def _cmd_serve(args, params) -> int:
-    from pipeline.serve import serve
+    from pipeline.apps.serve import serve
 
     cfg = params.serve.model_dump() | {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     serve(params, **cfg, model_name=params.registry.model_name)
@@ -157,7 +157,7 @@ def _cmd_ui(args, params) -> int:
     import os
     import subprocess
 
-    from pipeline import tracking
+    from pipeline.io import tracking
 
     uri = tracking.tracking_uri()
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
@@ -212,13 +212,6 @@ def _cmd_schedule(args, params) -> int:
     return 0
 
 
-def _cmd_demo_corpus(args, params) -> int:
-    from pipeline.demo_corpus import build_demo_corpus
-
-    corpus = build_demo_corpus(Path(args.dir), seed=args.seed)
-    print(f"demo corpus: {corpus.manifest}; held-aside new generator: {corpus.new_generator_dir}; "
-          f"human hold-out: {corpus.human_holdout_dir}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,10 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="aivoice-process")
     p.set_defaults(func=_cmd_schedule)
 
-    p = sub.add_parser("demo-corpus", help="build the small offline demo corpus")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo_corpus)
     return parser
 
 
@@ -313,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from pipeline.data import CorpusError
-    from pipeline.model import CheckpointError
-    from pipeline.registry import RegistryError
+    from pipeline.core.data import CorpusError
+    from pipeline.core.model import CheckpointError
+    from pipeline.io.registry import RegistryError
 
     try:
         return args.func(args, load_params(args.params))

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.audio import AudioError, load_audio
-from pipeline.augment import augment_spec, augment_wave
+from pipeline.core.audio import AudioError, load_audio
+from pipeline.core.augment import augment_spec, augment_wave
 from pipeline.config import Params
-from pipeline.data import UNKNOWN, Clip, CorpusError, check_labels, read_corpus
-from pipeline.features import LogMel, random_crop
-from pipeline.metrics import compute_eer, threshold_at_fpr
-from pipeline.model import AI_LABEL, Detector
-from pipeline.scoring import Scorer, pick_device, score_arrays
-from pipeline.train import load_clips
+from pipeline.core.data import UNKNOWN, Clip, CorpusError, check_labels, read_corpus
+from pipeline.core.features import LogMel, random_crop
+from pipeline.core.metrics import compute_eer, threshold_at_fpr
+from pipeline.core.model import AI_LABEL, Detector
+from pipeline.core.scoring import Scorer, pick_device, score_arrays
+from pipeline.training.train import load_clips
 
 log = logging.getLogger(__name__)
 

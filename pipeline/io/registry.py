@@ -30,9 +30,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline.io import tracking
 from pipeline.config import Params, RegistryConfig
-from pipeline.model import Detector, load_checkpoint
+from pipeline.core.model import Detector, load_checkpoint
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 METRIC_TAGS = ("eer", "human_fpr", "new_gen_recall", "auc")

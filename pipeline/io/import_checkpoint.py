@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Params
-from pipeline.model import CheckpointError, Detector, ModelMeta
+from pipeline.core.model import CheckpointError, Detector, ModelMeta
 
 WRAPPERS = ("module.", "model.", "net.", "backbone.", "encoder.", "resnet.", "trunk.")
 TRUNK = re.compile(r"^(conv1|bn1|layer[1-4])\.")
