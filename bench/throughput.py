@@ -54,7 +54,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     params = load_params(spec["params"], overrides={"detect.batch_windows": spec["batch"]})
     model, _ = registry.load_model(spec["model"], params)
-    scorer = Scorer(model, params.audio, params.features, spec["device"])
+    scorer = Scorer(model, params.audio, spec["device"])
     warm = np.zeros((min(spec["batch"], 4), params.audio.segment_samples), np.float32)
     scorer(warm)  # first-call allocations and kernel selection are not part of steady-state throughput
     if scorer.device.type == "cuda":

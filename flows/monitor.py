@@ -122,9 +122,9 @@ def score_traffic(paths: list[str], checkpoint: str, params: Params, device: str
     files = find_audio(paths)
     if not files:
         raise FileNotFoundError(f"no audio files in {', '.join(paths)}")
-    model = load_checkpoint(checkpoint, params.audio, params.features)
+    model = load_checkpoint(checkpoint, params.audio)
     threshold = model.meta.threshold
-    scorer = Scorer(model, params.audio, params.features, device)
+    scorer = Scorer(model, params.audio, device)
     rows = [{"path": d.path, "ai_score": d.ai_score, "ai": d.label == AI_GENERATED, "error": d.error,
              "day": clip_day(Path(d.path)).isoformat()} for d in detect_files(files, scorer, params, threshold)]
     get_run_logger().info("scored %d clip(s), %d error(s)", sum(r["error"] is None for r in rows),

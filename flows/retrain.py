@@ -113,7 +113,8 @@ def promote(verdict: dict, mode: str, reason: str, model_name: str) -> dict:
     if version is None:
         raise RetrainError("reports/verdict.json has no model_version: the validate stage did not register the candidate")
     if not verdict["passed"]:
-        decision = {"action": "rejected", "why": "failed gates: " + "; ".join(verdict["reasons"])}
+        why = "insufficient evidence: " if verdict.get("status") == "insufficient evidence" else "failed gates: "
+        decision = {"action": "rejected", "why": why + "; ".join(verdict["reasons"])}
     else:
         current = registry.aliases(model_name)
         if current.get(registry.CHAMPION) == version:
@@ -166,7 +167,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
         decision = promote(verdict, mode, f"{params.reason} (Prefect flow run {run_id})", name)
         summary = {
             "flow_run_id": run_id, "model_name": name, "champion_before": champion["version"], "stages": stages,
-            "passed": verdict["passed"], "reasons": verdict["reasons"], "model_version": verdict.get("model_version"),
+            "passed": verdict["passed"], "status": verdict.get("status", "passed" if verdict["passed"] else "failed"),
+            "reasons": verdict["reasons"], "model_version": verdict.get("model_version"),
             "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": _without_credentials(os.environ.get("MLFLOW_TRACKING_URI", "")),
             "promotion": decision, "verdict_is_fresh": stages["validate"],
         }
@@ -192,7 +194,7 @@ def _round(value):
 
 def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
     p = s["promotion"]
-    head = f"# Retrain of {s['model_name']}: candidate v{s['model_version']} {'PASSED' if s['passed'] else 'FAILED'}"
+    head = f"# Retrain of {s['model_name']}: candidate v{s['model_version']} {s['status'].upper()}"
     lines = [head, "", f"**Promotion ({p['mode']}): {p['action']}** - {p['why']}", ""]
     if not s["verdict_is_fresh"]:
         lines += ["_The validate stage was skipped (inputs unchanged): this verdict is from an earlier run._", ""]
@@ -202,12 +204,23 @@ def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
         f"- MLflow run: {run_link}; registered version: v{s['model_version']}",
         f"- champion before this run: v{s['champion_before']}",
         "- stages: " + ", ".join(f"{k} {'ran' if ran else 'skipped'}" for k, ran in s["stages"].items()),
-        "", "## Gates", "", "| gate | value | rule | passed |", "|---|---|---|---|",
+        f"- recipe: {verdict.get('recipe')}; evidence: {verdict.get('evidence')}; candidates judged on this gate data: "
+        f"{verdict.get('tries_on_gate_data')}",
+        "", "## Gates", "", "| gate | value | estimate (95 % interval, count) | rule | passed |", "|---|---|---|---|---|",
     ]
     for gate, g in verdict.get("gates", {}).items():
-        lines.append(f"| {gate} | {g['value']} | {g['rule']} | {'yes' if g['passed'] else '**NO**'} |")
+        est = f"{g['estimate']} ({g['interval'][0]}-{g['interval'][1]}, {g['count']})" if "estimate" in g else ""
+        lines.append(f"| {gate} | {g['value']} | {est} | {g['rule']} | {'yes' if g['passed'] else '**NO**'} |")
     if s["reasons"]:
-        lines += ["", "Why it failed:", *[f"- {r}" for r in s["reasons"]]]
+        lines += ["", "Why it did not pass:", *[f"- {r}" for r in s["reasons"]]]
+    points = verdict.get("operating_points") or {}
+    if points:
+        lines += ["", "## Both models at the same human false-positive rate (test humans)", "",
+                  "| human FPR | candidate: new generator (held out) | champion: new generator | candidate: earlier AI | "
+                  "champion: earlier AI |", "|---|---|---|---|---|"]
+        for c, p in zip(points["candidate"], points["production"]):
+            lines.append(f"| {c['human_fpr']:.0%} | {_round(c['new_recall'])} | {_round(p['new_recall'])} | "
+                         f"{_round(c['earlier_ai_recall'])} | {_round(p['earlier_ai_recall'])} |")
     cand, prod = metrics.get("candidate", {}), metrics.get("production", {})
     lines += ["", "## Candidate vs champion (same held-out data)", "", "| metric | candidate | champion |", "|---|---|---|"]
     lines += [f"| {k} | {_round(cand.get(k))} | {_round(prod.get(k))} |" for k in SUMMARY_METRICS if k in cand]

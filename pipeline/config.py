@@ -33,8 +33,15 @@ class AudioConfig(Section):
 
 
 class FeatureConfig(Section):
-    """Log-mel front end, identical in training and scoring."""
+    """Spectrogram front end of NEW models (a trained model carries its own in its checkpoint).
 
+    kind: `mel` (n_mels bins, the production front end) or `linear` (n_fft/2+1 log-linear bins,
+    which keep the high-frequency detail vocoders leave; Mueller et al. 2022). normalize: `rms` scales
+    each window to one RMS before the log, so neither level nor the log floor can be a cue; `none` is
+    the production front end's behaviour (gain-invariant only through the mean removal)."""
+
+    kind: Literal["mel", "linear"] = "mel"
+    normalize: Literal["none", "rms"] = "none"
     n_mels: int = Field(80, gt=0)
     n_fft: int = Field(1024, gt=0)
     win_length: int = Field(1024, gt=0)
@@ -54,6 +61,7 @@ class FeatureConfig(Section):
 
 Prob = Annotated[float, Field(ge=0, le=1)]
 Codec = Literal["mp3", "opus"]
+SplitBy = Literal["source", "speaker", "file"]
 
 
 def _ordered(r: tuple[float, float]) -> tuple[float, float]:
@@ -102,7 +110,14 @@ class AugmentConfig(Section):
     time_mask_max: int = Field(20, ge=0)
     freq_masks: int = Field(2, ge=0)
     freq_mask_max: int = Field(8, ge=0)
-
+    lowpass: bool = False
+    lowpass_prob: Prob = 0.5
+    lowpass_hz: PositiveRange = Field((3400.0, 11000.0), description="cut-off drawn uniformly, same for both labels")
+    mulaw: bool = False
+    mulaw_prob: Prob = 0.1
+    rawboost: bool = False
+    rawboost_prob: Prob = 0.3
+    rawboost_snr_db: Range = (10.0, 40.0)
 
 
 class ModelConfig(Section):
@@ -120,12 +135,35 @@ class DetectConfig(Section):
     aggregate: Literal["mean", "max"] = "mean"
     threshold: float = Field(0.5, ge=0, le=1)
     batch_windows: int = Field(32, gt=0)
+    silent_window_db: float = Field(0.0, ge=0, description="leave windows this many dB below the clip's loudest "
+                                    "window out of the clip score (0 = score every window)")
+
+
+class CalibrationConfig(Section):
+    """The served threshold: the score above which at most target_fpr of held-out humans fall, found on
+    humans neither trained on nor used to pick the checkpoint (bootstrap) or the epoch (fine-tuning)."""
+
+    target_fpr: float = Field(0.01, ge=0, lt=1)
+    min_humans: int = Field(50, gt=0, description="fewer calibration humans: a warning, and the validate gates "
+                            "call the evidence insufficient")
 
 
 class TrainConfig(Section):
-    """Base training (bootstrap) of trunk and all three heads."""
+    """Base training (bootstrap) of trunk and all three heads.
+
+    Validation (checkpoint choice) holds out whole groups: sources by default, so the number it reports
+    is for recording chains the model has not heard. `linked_sources` lists sources that share a
+    recording or a talker and must stay together. Vocoded twins from `twins` (when that folder exists)
+    are paired with their originals in `twin_fraction` of each batch's human/AI pairs."""
 
     seed: int = 0
+    split_by: SplitBy = "source"
+    linked_sources: tuple[tuple[str, ...], ...] = ()
+    twins: str = Field("data/twins", description="folder of vocoded twins (aivoice twins); '' for none")
+    twin_fraction: float = Field(0.5, ge=0, le=1)
+    trim_silence_db: float = Field(40.0, ge=0, description="training crops stay inside the clip's voiced region: "
+                                   "frames this many dB below its loudest frame at either end are cut (0 = off)")
+    loss: Literal["ce", "ocsoftmax"] = "ce"
     epochs: int = Field(12, gt=0)
     steps_per_epoch: int = Field(40, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -139,8 +177,25 @@ class TrainConfig(Section):
         pitch_shift_prob=0.3, spec_augment_prob=0.5)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    gpu_batch_size: int = Field(128, gt=0, description="batch size when training on a GPU (bf16, channels_last)")
     out: str = "models/base.pt"
     report: str = "reports/bootstrap.json"
+
+
+class TwinsConfig(Section):
+    """Vocoded twins of every human training clip (pipeline.synthesis): which vocoders, and the small
+    neural decoders' training budget (step-bounded; the wall-clock cap protects a slow machine)."""
+
+    out: str = "data/twins"
+    report: str = "reports/twins.json"
+    vocoders: tuple[Literal["griffinlim", "world", "lpc", "codec2", "istft", "hifigan"], ...] = (
+        "griffinlim", "world", "lpc", "codec2", "istft", "hifigan")
+    codec2_mode: Literal["3200", "2400", "1600", "1400", "1300", "1200", "700C"] = "1300"
+    neural_steps: int = Field(1500, gt=0)
+    neural_batch_size: int = Field(8, gt=0)
+    neural_lr: float = Field(5e-4, gt=0)
+    neural_max_minutes: float = Field(10.0, gt=0)
+    seed: int = 0
 
 
 class IngestConfig(Section):
@@ -164,29 +219,38 @@ class AugmentStageConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """Fine-tuning the production model on new samples plus a replay set (ai head only by default)."""
+    """Fine-tuning the production model on new samples plus a replay set (pipeline.training.finetune).
+
+    recipe: prototype | ocsoftmax (a cosine head, no trunk change), head (the ai head), last_block
+    (layer4 + ai head), input_layers (stem + layer1). Humans of the store's train split are divided by
+    speaker: replay, early stopping (val_fraction) and threshold calibration (calibration_fraction)."""
 
     base_model: str = "models/production.pt"
     out: str = "models/candidate.pt"
     report: str = "reports/finetune.json"
+    recipe: Literal["prototype", "ocsoftmax", "head", "last_block", "input_layers"] = "head"
     epochs: int = Field(50, gt=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(64, gt=0)
-    train_last_block: bool = Field(False, description="also train the trunk's layer4")
     replay_per_class: int = Field(200, gt=0, description="segments of stored human (and earlier AI) speech per class")
     new_share: float = Field(0.5, gt=0, le=1, description="share of the AI class's loss weight on the new samples "
                              "(the rest on earlier AI replay)")
-    distill_weight: float = Field(1.0, ge=0, description="with train_last_block: weight of the loss that keeps the "
-                                  "language and speakers heads' outputs as production's")
-    val_fraction: float = Field(0.25, gt=0, lt=1)
+    distill_weight: float = Field(1.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps "
+                                  "the language and speakers heads' outputs as production's")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="speaker groups of humans (and copies) for early stopping")
+    calibration_fraction: float = Field(0.3, gt=0, lt=1, description="speaker groups of humans for threshold calibration")
     patience: int = Field(10, gt=0)
-    target_fpr: float = Field(0.01, ge=0, lt=1, description="threshold calibrated to this human FPR on held-out humans")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class GatesConfig(Section):
-    """Pass/fail rules for a candidate against the production model."""
+    """Pass/fail rules for a candidate against the production model.
+
+    Below the evidence minimums the verdict is `insufficient evidence`, never passed. Every rate comes
+    with its 95 % Wilson interval; the rates named in `pessimistic` are gated on the interval's
+    pessimistic end (a human FPR's upper bound). New-generator recall is gated on its point estimate
+    by default: with two new files its interval is [0.34, 1] whatever the model does."""
 
     min_new_recall: float = Field(0.9, ge=0, le=1)
     max_human_fpr: float = Field(0.05, ge=0, le=1)
@@ -194,7 +258,13 @@ class GatesConfig(Section):
     max_eer_increase: float = Field(0.01, ge=0, le=1)
     frozen_heads_unchanged: bool = True
     max_head_accuracy_drop: float = Field(0.01, ge=0, le=1, description="language and speakers accuracy on held-out "
-                                          "clips may fall this much below production's (they move only when layer4 trains)")
+                                          "clips may fall this much below production's (they move when the trunk trains)")
+    min_new_files: int = Field(2, ge=1, description="new-generator files held out one at a time; fewer: insufficient evidence")
+    min_calibration_humans: int = Field(50, ge=1, description="humans the threshold was calibrated on; fewer: insufficient evidence")
+    pessimistic: tuple[Literal["human_fpr", "new_recall"], ...] = ("human_fpr",)
+    max_tries_per_split: int = Field(3, ge=0, description="candidates judged on the same gate data before it must be "
+                                     "refreshed (0 = no limit); retries that tune against the gates are counted")
+    operating_points: tuple[float, ...] = (0.01, 0.05, 0.10)
 
 
 class ValidateConfig(Section):
@@ -234,6 +304,8 @@ class Params(Section):
     detect: DetectConfig = DetectConfig()
     train: TrainConfig = TrainConfig()
     ingest: IngestConfig = IngestConfig()
+    twins: TwinsConfig = TwinsConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     augment: AugmentConfig = AugmentConfig()
     augment_stage: AugmentStageConfig = AugmentStageConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -255,9 +327,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML ({exc})") from None
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        raw.setdefault(section, {})[key] = value
+    for dotted, value in (overrides or {}).items():   # "section.key" or deeper, e.g. "train.augment.lowpass"
+        *parents, key = dotted.split(".")
+        node = raw
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[key] = value
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

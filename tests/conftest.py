@@ -132,4 +132,5 @@ def tiny_params():
         "model.base_width": 8,
         "train.epochs": 2, "train.steps_per_epoch": 3, "train.batch_size": 8,
         "finetune.epochs": 5, "finetune.replay_per_class": 24, "augment.copies": 4,
+        "twins.vocoders": ["griffinlim", "codec2"], "twins.neural_steps": 3, "twins.neural_batch_size": 2,
     })

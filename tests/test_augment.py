@@ -8,11 +8,11 @@ from pydantic import ValidationError
 
 from pipeline.core.augment import (
     AugmentConfig, WaveParams, add_noise, augment_copies, augment_spec, augment_wave,
-    band_limit, codec_roundtrip, draw_spec_params, draw_wave_params, pitch_shift_mel, time_stretch,
+    band_limit, codec_roundtrip, draw_spec_params, draw_wave_params, lowpass, pitch_shift_mel, rawboost, time_stretch,
 )
 
 SR = 24000
-SWITCHES = ("stretch", "codec", "band_limit", "gain", "noise")
+SWITCHES = ("stretch", "codec", "band_limit", "gain", "noise", "lowpass", "mulaw", "rawboost")
 WAVE_CASES = {  # name -> overrides enabling exactly that transform, always applied
     "stretch": {"stretch": True},
     "mp3": {"codec": True, "codec_formats": ("mp3",)},
@@ -20,8 +20,11 @@ WAVE_CASES = {  # name -> overrides enabling exactly that transform, always appl
     "band_limit": {"band_limit": True},
     "gain": {"gain": True},
     "noise": {"noise": True},
+    "lowpass": {"lowpass": True},
+    "mulaw": {"mulaw": True},
+    "rawboost": {"rawboost": True},
 }
-SEED_FREE = {"band_limit"}  # no random parameter: every seed gives the same output
+SEED_FREE = {"band_limit", "mulaw"}  # no random parameter: every seed gives the same output
 
 
 def config(**on: object) -> AugmentConfig:
@@ -82,10 +85,11 @@ def test_all_switches_off_is_identity(speech: np.ndarray) -> None:
 def test_disabled_switch_draws_identity(switch: str) -> None:
     cfg = config(**{s: s != switch for s in SWITCHES})
     p = draw_wave_params(cfg, np.random.default_rng(3))
-    field = {"stretch": "stretch", "codec": "codec", "band_limit": "band_limit", "gain": "gain_db",
-             "noise": "noise_ratio"}[switch]
+    fields = {"stretch": "stretch", "codec": "codec", "band_limit": "band_limit", "gain": "gain_db",
+              "noise": "noise_ratio", "lowpass": "lowpass_hz", "mulaw": "mulaw", "rawboost": "rawboost"}
+    field = fields[switch]
     assert getattr(p, field) == getattr(WaveParams(), field), f"{switch} off but drew {field}={getattr(p, field)}"
-    others_on = [f for f in ("stretch", "codec", "band_limit", "gain_db", "noise_ratio") if f != field]
+    others_on = [f for f in fields.values() if f != field]
     assert all(getattr(p, f) != getattr(WaveParams(), f) for f in others_on), f"{switch} off disabled others: {p}"
 
 
@@ -223,3 +227,30 @@ def test_augment_copies_independent_and_reproducible(speech: np.ndarray) -> None
 def test_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValidationError):
         AugmentConfig(**bad)
+
+
+@pytest.mark.parametrize("cutoff", [3400.0, 7000.0])
+def test_lowpass_removes_energy_above_cutoff(cutoff: float) -> None:
+    noise = np.random.default_rng(0).standard_normal(SR).astype(np.float32)
+    out = lowpass(noise, SR, cutoff)
+    power = np.abs(np.fft.rfft(out)) ** 2
+    freqs = np.fft.rfftfreq(len(out), 1 / SR)
+    share = power[freqs > cutoff * 1.25].sum() / power.sum()
+    assert out.shape == noise.shape and share < 0.01, f"{share:.2%} of energy above {cutoff * 1.25:.0f} Hz (want < 1 %)"
+
+
+def test_original_draws_unchanged_by_new_switches() -> None:
+    # the draws of stretch/codec/gain/noise for a seed do not depend on whether lowpass/mulaw/rawboost are on
+    old = {s: True for s in ("stretch", "codec", "band_limit", "gain", "noise")}
+    a = draw_wave_params(config(**old), np.random.default_rng(9))
+    b = draw_wave_params(config(**old, lowpass=True, mulaw=True, rawboost=True), np.random.default_rng(9))
+    assert (a.stretch, a.codec, a.codec_level, a.gain_db, a.noise_ratio, a.noise_seed) == \
+        (b.stretch, b.codec, b.codec_level, b.gain_db, b.noise_ratio, b.noise_seed), "new switches shifted old draws"
+
+
+@pytest.mark.parametrize("kind", ["convolutive", "impulsive", "stationary"])
+def test_rawboost_kinds_keep_shape_and_level(kind: str, speech: np.ndarray) -> None:
+    out = rawboost(speech, SR, kind, 20.0, seed=3)
+    assert out.shape == speech.shape and out.dtype == np.float32 and np.isfinite(out).all(), f"{kind}: bad output"
+    assert 0.5 < rms(out) / rms(speech) < 2.0, f"{kind}: level moved from {rms(speech):.3f} to {rms(out):.3f}"
+    assert not np.allclose(out, speech), f"{kind}: no change"

@@ -1,4 +1,4 @@
-"""`dvc repro` in a real DVC + git repository: the four stages run, and a second repro is a no-op."""
+"""`dvc repro` in a real DVC + git repository: the five stages run, and a second repro is a no-op."""
 import json
 import os
 import shutil
@@ -34,7 +34,8 @@ def dvc_project(tmp_path, monkeypatch, small_corpus, mlflow_store):
     shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")   # as a clone has it (DVC refuses an ignored dvc.lock)
     shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     overrides = {"model": {"base_width": 8}, "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 8},
-                 "finetune": {"epochs": 5, "replay_per_class": 24}, "augment": {"copies": 4}}
+                 "finetune": {"epochs": 5, "replay_per_class": 24}, "augment": {"copies": 4},
+                 "twins": {"vocoders": ["griffinlim", "codec2", "istft"], "neural_steps": 3, "neural_batch_size": 2}}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)
@@ -58,7 +59,7 @@ def test_dvc_repro_runs_all_stages_then_is_a_no_op(dvc_project, small_corpus):
     # when the pipeline is reproduced
     out = _run(["dvc", "repro"], dvc_project)
     # then every stage ran and left its outputs
-    for stage in ("ingest", "augment", "finetune", "validate"):
+    for stage in ("ingest", "twins", "augment", "finetune", "validate"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} ran:\n{out[-2000:]}"
     verdict = json.loads((dvc_project / "reports" / "verdict.json").read_text())
     assert set(verdict["gates"]) >= {"new_generator_recall", "human_fpr", "eer_vs_production"}, verdict
@@ -69,7 +70,9 @@ def test_dvc_repro_runs_all_stages_then_is_a_no_op(dvc_project, small_corpus):
     assert (dvc_project / "dvc.lock").exists(), "dvc.lock records what the run produced"
     assert verdict["model_version"] == 2, "the validated candidate is registered as a new version"
     versions = {v["version"]: v for v in registry.list_versions()}
-    assert versions[2]["validation_status"] == ("passed" if verdict["passed"] else "failed"), versions[2]
+    assert versions[2]["validation_status"] == verdict["status"].replace(" ", "-"), versions[2]
+    twins = (dvc_project / "data" / "twins" / "MANIFEST.csv").read_text()
+    assert "twin-griffinlim" in twins and "twin-istft" in twins, "the twins stage made signal and neural twins"
     assert "champion" in versions[1]["aliases"], "validation never moves champion"
     # and a second repro changes nothing
     again = _run(["dvc", "repro"], dvc_project)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import AudioConfig, FeatureConfig, load_params
-from pipeline.core.features import LogMel, fit_length, random_crop, stream_windows, window_starts, windows
+from pipeline.core.features import FrontEnd, fit_length, random_crop, stream_windows, window_starts, windows
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def default_params(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# LogMel
+# FrontEnd
 
 
 def test_logmel_shape_for_three_seconds(default_params, speech_like):
@@ -27,7 +27,7 @@ def test_logmel_shape_for_three_seconds(default_params, speech_like):
     wave = torch.from_numpy(np.stack([speech_like(3.0, 24000, seed=s) for s in (0, 1)]))
     assert wave.shape == (2, audio.segment_samples), f"3 s = {audio.segment_samples} samples"
     # when
-    spec = LogMel(audio, feats)(wave)
+    spec = FrontEnd(audio, feats)(wave)
     # then: (B, 1, n_mels, 1 + samples // hop) with center=True
     assert spec.shape == (2, 1, 80, 301), f"(B, 1, 80, 301), got {tuple(spec.shape)}"
     assert spec.dtype == torch.float32 and torch.isfinite(spec).all(), "finite float32"
@@ -36,7 +36,7 @@ def test_logmel_shape_for_three_seconds(default_params, speech_like):
 
 
 def test_logmel_items_are_independent(default_params, speech_like):
-    lm = LogMel(default_params.audio, default_params.features)
+    lm = FrontEnd(default_params.audio, default_params.features)
     a, b = speech_like(3.0, 24000, seed=2), speech_like(3.0, 24000, seed=3, level=0.05)
     both = lm(torch.from_numpy(np.stack([a, b])))
     alone = lm(torch.from_numpy(a)[None])
@@ -46,7 +46,7 @@ def test_logmel_items_are_independent(default_params, speech_like):
 @pytest.mark.parametrize("gain", [0.1, 3.0])
 def test_logmel_is_gain_invariant(gain, default_params, speech_like):
     # given: a speech-like clip well above the log floor (peak 0.3 plus broadband noise), and a scaled copy
-    lm = LogMel(default_params.audio, default_params.features)
+    lm = FrontEnd(default_params.audio, default_params.features)
     x = speech_like(3.0, 24000, seed=4)
     # when
     ref, scaled = lm(torch.from_numpy(x)[None]), lm(torch.from_numpy(gain * x)[None])
@@ -56,10 +56,30 @@ def test_logmel_is_gain_invariant(gain, default_params, speech_like):
 
 
 def test_logmel_floor_keeps_silence_finite(default_params):
-    lm = LogMel(default_params.audio, default_params.features)
+    lm = FrontEnd(default_params.audio, default_params.features)
     spec = lm(torch.zeros(1, 24000))
     assert torch.isfinite(spec).all(), "silence: no -inf from log(0)"
     assert float(spec.abs().max()) < 1e-5, "silence -> the floor everywhere -> zeros after mean removal"
+
+
+def test_rms_normalised_front_end_is_gain_invariant_even_at_the_floor(default_params, speech_like):
+    # given: a quiet, band-limited clip (nothing above 4 kHz): its high bins sit on the log floor
+    from pipeline.core.augment import lowpass
+
+    x = lowpass(speech_like(3.0, 24000, seed=5, noise=0.0), 24000, 4000.0)
+    plain = FrontEnd(default_params.audio, default_params.features)
+    rms = FrontEnd(default_params.audio, default_params.features.model_copy(update={"normalize": "rms"}))
+    spec = lambda fe, g: fe(torch.from_numpy(g * x)[None])
+    # then: without normalisation the level moves the floor relative to the speech; with it, it does not
+    assert float((spec(plain, 0.01) - spec(plain, 1.0)).abs().max()) > 1.0, "premise: the floor leaks the level"
+    assert float((spec(rms, 0.01) - spec(rms, 1.0)).abs().max()) < 1e-3, "rms normalisation removes the level"
+
+
+def test_linear_front_end_keeps_every_stft_bin(default_params, speech_like):
+    feats = default_params.features.model_copy(update={"kind": "linear"})
+    spec = FrontEnd(default_params.audio, feats)(torch.from_numpy(speech_like(3.0, 24000))[None])
+    assert spec.shape == (1, 1, feats.n_fft // 2 + 1, 301), f"n_fft/2+1 bins, got {tuple(spec.shape)}"
+    assert torch.isfinite(spec).all() and abs(float(spec.mean())) < 1e-4, "finite and mean-removed"
 
 
 # ---------------------------------------------------------------------------------------------

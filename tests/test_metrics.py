@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.core.metrics import compute_eer, rates_at, roc_auc, summarize, threshold_at_fpr
+from pipeline.core.metrics import compute_eer, rate, rates_at, recall_at_fpr, roc_auc, summarize, threshold_at_fpr, wilson
 
 
 def test_perfect_separation_has_zero_eer_and_unit_auc():
@@ -58,3 +58,28 @@ def test_one_class_and_misaligned_inputs_are_refused():
         compute_eer([0.1, 0.2, 0.3], [0, 1])
     s = summarize([0.9, 0.8], [1, 1], 0.5)
     assert math.isnan(s["eer"]) and s["recall"] == 1.0, "one-class summary keeps recall, EER is undefined"
+
+
+def test_eer_is_interpolated_between_roc_points():
+    # humans 0.1 0.5 ; AI 0.4 0.9: FPR/FNR cross between two ROC points, at 0.5 (not at a point's rates)
+    eer, _ = compute_eer([0.1, 0.5, 0.4, 0.9], [0, 0, 1, 1])
+    assert eer == pytest.approx(0.5), f"the crossing of the two error rates, got {eer}"
+    eer, _ = compute_eer([0.1, 0.2, 0.3, 0.9, 0.4, 0.8], [0, 0, 0, 0, 1, 1])
+    assert 0.25 <= eer <= 0.5, f"between the two nearest points' errors, got {eer}"
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson(0, 73)
+    assert lo == 0 and hi == pytest.approx(0.05, abs=0.001), "0 of 73 humans: the upper end is just 5 %"
+    lo, hi = wilson(2, 2)
+    assert lo == pytest.approx(0.342, abs=0.001) and hi == 1.0, "2 of 2 new files: the interval starts at 0.34"
+    r = rate(9, 200)
+    assert r["value"] == 0.045 and r["low"] < 0.045 < r["high"] and (r["k"], r["n"]) == (9, 200), r
+    assert wilson(0, 0) == (0.0, 1.0), "no evidence: the whole interval"
+
+
+def test_recall_at_fpr_uses_the_humans_of_the_same_scores():
+    humans, ai = np.linspace(0, 1, 100), np.array([0.5, 0.95, 0.999])
+    s, y = np.r_[humans, ai], np.r_[np.zeros(100), np.ones(3)]
+    assert recall_at_fpr(s, y, 0.01) == pytest.approx(1 / 3), "only the AI clip above the top 1 % of humans"
+    assert recall_at_fpr(s, y, 0.10) == pytest.approx(2 / 3), "at 10 % FPR the 0.95 clip is caught too"

@@ -4,6 +4,7 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.io.import_checkpoint import import_checkpoint
+from pipeline.core.scoring import Scorer
 from pipeline.core.model import CheckpointError, load_checkpoint, new_model, save_checkpoint
 
 
@@ -33,7 +34,7 @@ def test_full_width_matches_production_size(params):
 def test_checkpoint_round_trip_and_never_overwrites(params, tmp_path):
     model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0).eval()
     path = save_checkpoint(model, tmp_path / "m.pt", threshold=0.42)
-    loaded = load_checkpoint(path, params.audio, params.features)
+    loaded = load_checkpoint(path, params.audio)
     x = torch.randn(2, 1, 80, 301)
     assert torch.equal(model(x)["ai"], loaded(x)["ai"]), "a reloaded checkpoint must predict identically"
     assert loaded.meta.threshold == 0.42, "metadata travels with the weights"
@@ -41,12 +42,34 @@ def test_checkpoint_round_trip_and_never_overwrites(params, tmp_path):
         save_checkpoint(model, path)
 
 
-def test_checkpoint_with_other_features_is_refused(params, tmp_path):
+def test_checkpoint_scores_with_its_own_front_end(params, tmp_path):
+    # given: a model trained with 80 mel bins, and params that now ask new models for 64 and a linear front end
     model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)
     path = save_checkpoint(model, tmp_path / "m.pt")
-    other = load_params("/nonexistent", overrides={"features.n_mels": 64})
-    with pytest.raises(CheckpointError, match="features.n_mels"):
-        load_checkpoint(path, other.audio, other.features)
+    other = load_params("/nonexistent", overrides={"features.n_mels": 64, "features.kind": "linear"})
+    # when: it is loaded and scores under the new params
+    loaded = load_checkpoint(path, other.audio)
+    scorer = Scorer(loaded, other.audio, "cpu")
+    # then: it still sees the 80-bin mel it was trained on
+    assert loaded.meta.feature_config() == params.features, "the checkpoint records its front end"
+    assert scorer.front_end(torch.zeros(1, other.audio.segment_samples) + 0.1).shape[2] == 80, "scoring uses it"
+
+
+def test_checkpoint_with_other_audio_is_refused(params, tmp_path):
+    model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    other = load_params("/nonexistent", overrides={"audio.sample_rate": 16000})
+    with pytest.raises(CheckpointError, match="audio.sample_rate"):
+        load_checkpoint(path, other.audio)
+
+
+def test_older_checkpoint_meta_gets_the_production_front_end(params, tmp_path):
+    # a checkpoint written before features.kind/normalize existed: its meta lacks both keys
+    model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)
+    legacy = {k: v for k, v in params.features.model_dump().items() if k not in ("kind", "normalize")}
+    path = save_checkpoint(model, tmp_path / "old.pt", features=legacy)
+    cfg = load_checkpoint(path).meta.feature_config()
+    assert (cfg.kind, cfg.normalize) == ("mel", "none"), "missing keys mean the production log-mel"
 
 
 def test_garbage_and_pickled_objects_are_refused(tmp_path):

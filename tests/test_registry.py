@@ -27,7 +27,7 @@ PARAMS = load_params("/nonexistent")
 
 def window_scores(ckpt: Path, windows: np.ndarray) -> dict[str, torch.Tensor]:
     """All three heads' probabilities for fixed windows, as tensors."""
-    scores = Scorer(load_checkpoint(ckpt, PARAMS.audio, PARAMS.features), PARAMS.audio, PARAMS.features, "cpu")(windows)
+    scores = Scorer(load_checkpoint(ckpt, PARAMS.audio), PARAMS.audio, "cpu")(windows)
     return {"ai": torch.from_numpy(scores.ai), "language": torch.from_numpy(scores.language),
             "speakers": torch.from_numpy(scores.speakers)}
 

@@ -10,12 +10,14 @@ import soundfile as sf
 import torch
 
 from pipeline.config import GatesConfig
-from pipeline.core.data import CorpusError
-from pipeline.training.finetune import Adapter, finetune, loss_weights, teacher_outputs
-from pipeline.core.model import new_model
-from pipeline.stages import augment as augment_stage
+from pipeline.core.data import Clip, CorpusError
+from pipeline.core.metrics import rate
+from pipeline.core.model import load_checkpoint, new_model, save_checkpoint
 from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
-from pipeline.training.validate import apply_gates, head_accuracy
+from pipeline.stages import augment as augment_stage
+from pipeline.training import finetune as finetune_module
+from pipeline.training.finetune import Adapter, finetune, loss_weights, speaker_parts, teacher_outputs
+from pipeline.training.validate import INSUFFICIENT, head_accuracy, judge
 
 
 def _fingerprint(paths):
@@ -87,28 +89,84 @@ def test_finetune_refuses_one_class(project, small_corpus, tiny_params):
         finetune(model, tiny_params)
 
 
-def _store_with_new_samples(small_corpus, params):
-    """The corpus and two new-generator clips stored, their copies augmented; a fresh narrow base model."""
+def _store_with_new_samples(small_corpus, params, n_new=2):
+    """The corpus and `n_new` new-generator clips stored, their copies augmented; a fresh narrow base model."""
     _ingest(from_corpus(small_corpus.root), params)
-    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
+    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:n_new]
     _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
     augment_stage.run(params)
     torch.manual_seed(0)
     return new_model(["en"], params.audio, params.features, 8, 0.0).eval()
 
 
+def _with_recipe(params, recipe, **more):
+    return params.model_copy(update={"finetune": params.finetune.model_copy(update={"recipe": recipe} | more)})
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
 def test_head_only_finetune_leaves_frozen_weights_bit_identical(project, small_corpus, tiny_params):
-    base = _store_with_new_samples(small_corpus, tiny_params)
-    candidate, report = finetune(base, tiny_params)
-    before, after = base.state_dict(), candidate.state_dict()
-    for key in before:
-        if key.startswith("heads.ai."):
-            continue
-        assert torch.equal(before[key], after[key]), f"{key} must not change when only the ai head trains"
-    assert not torch.equal(before["heads.ai.weight"], after["heads.ai.weight"]), "the ai head did train"
-    assert report["lofo"]["method"] == "leave-one-file-out" and len(report["lofo"]["scores"]) == 2, report["lofo"]
+    params = _with_recipe(tiny_params, "head")
+    base = _store_with_new_samples(small_corpus, params)
+    candidate, report = finetune(base, params)
+    changed = _changed(base.state_dict(), candidate.state_dict())
+    assert changed and all(k.startswith("heads.ai.") for k in changed), f"only the ai head may change: {changed}"
+    assert report["lofo"]["method"] == "leave-one-file-out" and len(report["lofo"]["files"]) == 2, report["lofo"]
+    assert all({"score", "threshold", "caught"} <= set(r) for r in report["lofo"]["files"].values()), \
+        "each held-out file is scored at its own candidate's threshold"
     assert report["segments"]["human_replay"] > 0, "human replay is always part of fine-tuning"
-    assert 0 <= report["calibration"]["threshold"], "a calibrated threshold is recorded"
+    cal = report["calibration"]
+    assert cal["n_humans"] > 0 and candidate.meta.threshold == cal["threshold"], "the threshold is calibrated and served"
+
+
+def test_leave_one_file_out_never_trains_or_stops_on_the_held_out_file(project, small_corpus, tiny_params, monkeypatch):
+    # given: a store with three new files
+    params = _with_recipe(tiny_params, "head")
+    base = _store_with_new_samples(small_corpus, params, n_new=3)
+    seen = []
+    real_fit = finetune_module.fit_candidate
+
+    def spy(model, cached, data, train_mask, val_mask, params, device):
+        seen.append({str(f) for f in data.seg.files[train_mask | val_mask] if f in data.generators})
+        return real_fit(model, cached, data, train_mask, val_mask, params, device)
+
+    monkeypatch.setattr(finetune_module, "fit_candidate", spy)
+    # when: fine-tuning runs (the candidate, then one candidate per held-out file)
+    _, report = finetune(base, params)
+    files = set(report["lofo"]["files"])
+    # then: the first fit sees every new file; each later one sees all but the file it will score
+    assert len(seen) == 4 and seen[0] == files, f"candidate + 3 held-out fits: {seen}"
+    assert sorted(map(frozenset, seen[1:]), key=sorted) == sorted((frozenset(files - {f}) for f in files), key=sorted), \
+        "a held-out file's copies are in neither the training nor the early-stopping segments"
+
+
+def test_one_new_file_gives_no_held_out_estimate(project, small_corpus, tiny_params):
+    params = _with_recipe(tiny_params, "prototype")
+    base = _store_with_new_samples(small_corpus, params, n_new=1)
+    _, report = finetune(base, params)
+    assert report["lofo"]["files"] == {} and report["lofo"]["method"].startswith("none"), \
+        "one file cannot be held out from itself: no estimate, not a fallback"
+
+
+def test_prototype_recipe_adds_a_cosine_head_and_changes_nothing_else(project, small_corpus, tiny_params, tmp_path):
+    params = _with_recipe(tiny_params, "prototype")
+    base = _store_with_new_samples(small_corpus, params)
+    candidate, report = finetune(base, params)
+    before, after = base.state_dict(), candidate.state_dict()
+    assert not _changed(before, {k: after[k] for k in before}), "trunk and every head stay bit-identical"
+    assert candidate.cosine is not None and candidate.meta.cosine_head["generators"] == ["piper-joe"], \
+        "the new generator became a prototype"
+    x = torch.randn(6, 1, 80, 301)
+    with torch.no_grad():
+        p_base = base(x)["ai"].softmax(-1)[:, 1]
+        p_cand = candidate(x)["ai"].softmax(-1)[:, 1]
+    assert torch.all(p_cand >= p_base - 1e-6), "the served score is the larger of production's head and the prototypes'"
+    path = save_checkpoint(candidate, tmp_path / "cand.pt")
+    again = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.allclose(again(x)["ai"], candidate(x)["ai"]), "the cosine head survives a checkpoint round trip"
 
 
 def test_loss_weights_balance_classes_and_give_the_new_samples_their_share():
@@ -122,24 +180,44 @@ def test_loss_weights_balance_classes_and_give_the_new_samples_their_share():
     assert only_new[60:].sum() == pytest.approx(only_new[:60].sum()), "without earlier AI the new samples are the AI class"
 
 
+def test_speaker_parts_are_disjoint_by_speaker():
+    clips = [Clip(Path(f"/h/{i}.wav"), 0, "human", f"spk{i % 10}", "en", "src") for i in range(50)]
+    train, stop, cal = speaker_parts(clips, (0.2, 0.3), seed=0)
+    speakers = [{c.speaker for c in part} for part in (train, stop, cal)]
+    assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2]), \
+        "replay, early-stopping and calibration humans share no speaker"
+    assert (len(speakers[1]), len(speakers[2])) == (2, 3) and len(train) + len(stop) + len(cal) == 50, \
+        "20 % and 30 % of the speakers; every clip in one part"
+
+
 def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, small_corpus, tiny_params):
-    params = tiny_params.model_copy(update={"finetune": tiny_params.finetune.model_copy(update={"train_last_block": True})})
+    params = _with_recipe(tiny_params, "last_block")
     base = _store_with_new_samples(small_corpus, params)
     # the distillation target is production itself: an untrained adapter reproduces its other heads exactly
     cached = torch.randn(4, 32, 5, 19)
-    adapter = Adapter(base, train_last_block=True).eval()
+    adapter = Adapter(base, "last_block").eval()
     teacher = teacher_outputs(base, cached, "cpu")
     with torch.no_grad():
         emb = adapter.embed(cached)
         for head, target in teacher.items():
             assert torch.allclose(torch.log_softmax(adapter.other_heads[head](emb), -1), target, atol=1e-6), head
     candidate, report = finetune(base, params)
-    before, after = base.state_dict(), candidate.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = _changed(base.state_dict(), candidate.state_dict())
     assert changed and all(k.startswith(("trunk.layer4.", "heads.ai.")) for k in changed), \
         f"only layer4 and the ai head may change: {sorted(changed)}"
     assert any(k.startswith("trunk.layer4.") for k in changed), "layer4 did train"
     assert report["trained"] == "ai head + layer4", report["trained"]
+
+
+def test_input_layers_finetune_trains_the_stem_and_layer1_only(project, small_corpus, tiny_params):
+    params = _with_recipe(tiny_params, "input_layers", epochs=2)
+    base = _store_with_new_samples(small_corpus, params)
+    candidate, report = finetune(base, params)
+    changed = _changed(base.state_dict(), candidate.state_dict())
+    assert any(k.startswith("trunk.layer1.") for k in changed), "layer1 did train"
+    assert all(k.startswith(("trunk.conv1", "trunk.bn1.weight", "trunk.bn1.bias", "trunk.layer1.")) for k in changed), \
+        f"only the stem's weights and layer1 may change (batch-norm statistics stay production's): {sorted(changed)}"
+    assert not any("running_" in k for k in changed), "batch-norm statistics are production's"
 
 
 def test_head_accuracy_counts_known_languages_and_speaker_counts():
@@ -156,24 +234,59 @@ def test_head_accuracy_counts_known_languages_and_speaker_counts():
     assert acc["speakers"] == pytest.approx(3 / 4), "several talkers is right only for clips with n_speakers > 1"
 
 
-def _metrics(eer, fpr, new_recall, language=0.8, speakers=0.9):
-    return {"eer": eer, "fpr": fpr, "new_recall": new_recall, "head_accuracy": {"language": language, "speakers": speakers}}
+def _metrics(eer, fpr, new_recall, language=0.8, speakers=0.9, n=200):
+    """A model's numbers as validate computes them: rates from counts out of n humans and 4 new files."""
+    return {"eer": eer, "fpr": rate(round(fpr * n), n), "new_recall": rate(round(new_recall * 4), 4),
+            "head_accuracy": {"language": language, "speakers": speakers}}
+
+
+ENOUGH = {"new_files": 4, "calibration_humans": 80}
 
 
 @pytest.mark.parametrize(("cand", "frozen", "failed"), [
-    (_metrics(0.05, 0.01, 0.95), {"trunk": True}, set()),
-    (_metrics(0.05, 0.01, 0.50), {"trunk": True}, {"new_generator_recall"}),
+    (_metrics(0.05, 0.005, 1.0), {"trunk": True}, set()),
+    (_metrics(0.05, 0.005, 0.50), {"trunk": True}, {"new_generator_recall"}),
     (_metrics(0.05, 1.00, 1.00), {"trunk": True}, {"human_fpr", "human_fpr_vs_production"}),  # the incident
-    (_metrics(0.05, 0.035, 0.95), {"trunk": True}, {"human_fpr_vs_production"}),
-    (_metrics(0.20, 0.01, 0.95), {"trunk": True}, {"eer_vs_production"}),
-    (_metrics(0.05, 0.01, 0.95), {"trunk": False}, {"frozen_weights_unchanged"}),
+    (_metrics(0.05, 0.035, 1.0, n=1000), {"trunk": True}, {"human_fpr_vs_production"}),  # 35/1000: upper 0.048
+    (_metrics(0.05, 0.045, 1.0), {"trunk": True}, {"human_fpr", "human_fpr_vs_production"}),  # 9/200: upper end 0.083
+    (_metrics(0.20, 0.005, 1.0), {"trunk": True}, {"eer_vs_production"}),
+    (_metrics(0.05, 0.005, 1.0), {"trunk": False}, {"frozen_weights_unchanged"}),
     # layer4 trained: the language head got worse on held-out clips
-    (_metrics(0.05, 0.01, 0.95, language=0.70), {"trunk (except layer4)": True}, {"language_accuracy_vs_production"}),
+    (_metrics(0.05, 0.005, 1.0, language=0.70), {"trunk (except layer4)": True}, {"language_accuracy_vs_production"}),
 ])
 def test_gates_on_constructed_cases(cand, frozen, failed):
-    production = _metrics(0.06, 0.02, 0.10)
-    verdict = apply_gates(cand, production, frozen, GatesConfig())
+    production = _metrics(0.06, 0.02, 0.25)
+    verdict = judge(cand, production, frozen, ENOUGH, tries=1, gates=GatesConfig())
     got = {name for name, g in verdict["gates"].items() if not g["passed"]}
     assert got == failed, f"expected failing gates {failed}, got {got}"
-    assert verdict["passed"] == (not failed), "the verdict passes only when every gate does"
+    assert verdict["passed"] == (not failed) and verdict["status"] == ("failed" if failed else "passed"), \
+        "the verdict passes only when every gate does"
     assert len(verdict["reasons"]) == len(failed), "each failure has a reason"
+
+
+def test_human_fpr_gate_reads_the_pessimistic_end_unless_switched_off():
+    cand = _metrics(0.05, 0.045, 1.0)   # 9 of 200 humans: estimate 0.045, Wilson upper end 0.083
+    production = _metrics(0.06, 0.045, 0.25)
+    strict = judge(cand, production, {"trunk": True}, ENOUGH, 1, GatesConfig())["gates"]["human_fpr"]
+    assert not strict["passed"] and strict["gated_on"] == "pessimistic end" and strict["value"] > 0.05, strict
+    lax = judge(cand, production, {"trunk": True}, ENOUGH, 1, GatesConfig(pessimistic=()))["gates"]["human_fpr"]
+    assert lax["passed"] and lax["value"] == pytest.approx(0.045), "switched off, the estimate is gated"
+    assert strict["interval"][0] < 0.045 < strict["interval"][1] and strict["count"] == "9/200", "interval and count shown"
+
+
+@pytest.mark.parametrize(("evidence", "missing"), [
+    ({"new_files": 1, "calibration_humans": 80}, "new file"),
+    ({"new_files": 4, "calibration_humans": 12}, "humans"),
+])
+def test_too_little_evidence_is_never_a_pass(evidence, missing):
+    verdict = judge(_metrics(0.01, 0.0, 1.0), _metrics(0.06, 0.02, 0.25), {"trunk": True}, evidence, 1, GatesConfig())
+    assert verdict["status"] == INSUFFICIENT and not verdict["passed"], "perfect numbers on thin evidence do not pass"
+    assert missing in verdict["missing_evidence"][0], f"the verdict says what is missing: {verdict['missing_evidence']}"
+
+
+def test_retries_on_the_same_gate_data_are_counted_and_bounded():
+    good = _metrics(0.05, 0.005, 1.0)
+    ok = judge(good, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 3, GatesConfig())
+    over = judge(good, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 4, GatesConfig())
+    assert ok["passed"] and not over["passed"], "the fourth candidate judged on the same data is refused"
+    assert "tries_on_gate_data" in over["reasons"][0], over["reasons"]

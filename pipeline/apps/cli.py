@@ -20,7 +20,7 @@ def _cmd_detect(args, params) -> int:
     model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
     model_ref = _describe_model(resolved, params)
     threshold = args.threshold if args.threshold is not None else model.meta.threshold
-    scorer = Scorer(model, params.audio, params.features, args.device)
+    scorer = Scorer(model, params.audio, args.device)
     paths = find_audio(args.paths)
     if not paths:
         log.error("no audio files found in %s", " ".join(map(str, args.paths)))
@@ -43,16 +43,66 @@ def _cmd_bootstrap(args, params) -> int:
     from pipeline.training.evaluate import GENERATOR_COLUMNS, format_table
     from pipeline.stages.bootstrap import run
 
-    report = run(params, args.corpus, args.out, args.report)
-    val = report["validation"]
-    print(f"checkpoint: {report['checkpoint']}  (data {report['data_hash']}, params {report['params_hash']})")
-    print(f"validation ({report['n_val']} clips, speaker-disjoint): EER {val['overall']['eer']:.3f}  "
-          f"AUC {val['overall']['auc']:.3f}  accuracy {val['overall']['accuracy']:.3f}  "
-          f"FPR {val['overall']['fpr']:.3f}  FNR {val['overall']['fnr']:.3f} at threshold {val['threshold']}")
+    report = run(params, args.corpus, args.out, args.report, args.twins, args.lso, args.seeds)
+    if report["lso"]:
+        from pipeline.stages.evaluate import describe
+
+        print(describe(report["lso"]))
+    val, cal = report["validation"], report["calibration"]
+    print(f"checkpoint: {report['checkpoint']}  (data {report['data_hash']}, params {report['params_hash']}; "
+          f"{report['n_train']} training clips, {report['n_twins']} of them twins)")
+    print(f"validation ({report['n_val']} clips, {params.train.split_by}s unseen in training: "
+          f"{', '.join(report['val_sources'][:8])}{' ...' if len(report['val_sources']) > 8 else ''}):")
+    print(f"  EER {val['overall']['eer']:.3f}  AUC {val['overall']['auc']:.3f}  FPR {val['overall']['fpr']:.3f}  "
+          f"FNR {val['overall']['fnr']:.3f} at the calibrated threshold {cal['threshold']:.3f} "
+          f"(target FPR {cal['target_fpr']:.1%} on {cal['n_humans']} humans)")
+    for warning in cal["warnings"]:
+        print(f"  warning: {warning}")
     print("per generator (its AI clips against all human clips):\n" + format_table(val["per_generator"], GENERATOR_COLUMNS))
     print("per source:\n" + format_table(val["per_source"]))
     print(f"report: {args.report or params.train.report}")
     print(f"registered {params.registry.model_name} v{report['model_version']} (MLflow run {report['mlflow_run_id']})")
+    return 0
+
+
+def _cmd_evaluate(args, params) -> int:
+    from pipeline.stages.evaluate import describe, run
+
+    result = run(params, args.corpus or params.ingest.store, args.leave_sources_out, args.seeds)
+    print(describe(result))
+    print(f"report: {result['report']} (per source and per generator); MLflow run {result['mlflow_run_id']}")
+    return 0
+
+
+def _cmd_audit(args, params) -> int:
+    import json
+
+    from pipeline.stages.common import write_json
+    from pipeline.stages.evaluate import REPORT
+    from pipeline.training.audit import audit_corpus
+
+    result = audit_corpus(args.dir, args.folds, params.train.seed, params.train.linked_sources)
+    print(f"shortcut audit of {args.dir}: a logistic regression on recording-chain features only "
+          f"(sample rate, band, silences, level, noise floor, duration, codec), {result['k']} source folds:")
+    print(f"  leave-sources-out EER {result['eer']:.3f} on {result['n_clips']} clips")
+    lso = Path(REPORT)
+    if lso.exists() and (found := json.loads(lso.read_text())).get("corpus") == str(args.dir):
+        print(f"  the model ({lso}): pooled EER {found['summary']['pooled_eer']['mean']:.3f}, "
+              f"matched-pair EER {found['summary']['matched_pair_eer']['mean']:.3f}")
+    print("  strongest features: " + ", ".join(f"{t['feature']} -> {t['sign']}" for t in result["top_features"]))
+    if result["warning"]:
+        print(f"WARNING: {result['warning']}")
+    write_json(args.report, result)
+    print(f"report: {args.report}")
+    return 0
+
+
+def _cmd_twins(args, params) -> int:
+    from pipeline.stages.twins import run
+
+    result = run(params, args.corpus, args.out)
+    print(f"{result['added']} twins added, {result['existing']} already there, {result['failed']} failed "
+          f"(reasons in {result['report']}); twins in {result['out']}")
     return 0
 
 
@@ -184,7 +234,7 @@ def _cmd_retrain(args, params) -> int:
         return 2
     ran = ", ".join(f"{stage}{'' if did else ' (unchanged)'}" for stage, did in result["stages"].items())
     print(f"stages: {ran}")
-    print(f"verdict: {'PASSED' if result['passed'] else 'FAILED: ' + '; '.join(result['reasons'])}")
+    print(f"verdict: {result['status'].upper()}" + ("" if result["passed"] else ": " + "; ".join(result["reasons"])))
     print(f"candidate: {params.registry.model_name} v{result['model_version']} (MLflow run {result['mlflow_run_id']}, "
           f"Prefect flow run {result['flow_run_id']})")
     print(f"promotion: {result['promotion']['action']}: {result['promotion']['why']}")
@@ -232,7 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, type=Path, help="folder with MANIFEST.csv or human/ and ai/ subfolders")
     p.add_argument("--out", type=Path, help="checkpoint to write (default: train.out in params)")
     p.add_argument("--report", type=Path, help="JSON report (default: train.report in params)")
+    p.add_argument("--twins", type=Path, help="vocoded twins folder (default: train.twins; made by `aivoice twins`)")
+    p.add_argument("--lso", type=int, default=0, metavar="K",
+                   help="first evaluate the recipe leave-sources-out with K folds and tag the version with the figures")
+    p.add_argument("--seeds", type=int, default=1, help="with --lso: training seeds")
     p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("evaluate", help="leave-sources-out evaluation of the bootstrap recipe (K fold models per seed)")
+    p.add_argument("--leave-sources-out", type=int, required=True, metavar="K", help="number of folds of whole sources")
+    p.add_argument("--corpus", type=Path, help="corpus folder (default: the store, ingest.store)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds (train.seed, +1, ...)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("audit-corpus", help="shortcut audit: can recording-chain features alone tell the labels apart?")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--report", type=Path, default=Path("reports/audit.json"))
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("twins", help="resynthesise every human training clip through the vocoders of twins.vocoders (AI twins)")
+    p.add_argument("--corpus", type=Path, help="corpus folder (default: the store, ingest.store)")
+    p.add_argument("--out", type=Path, help="twins folder (default: twins.out)")
+    p.set_defaults(func=_cmd_twins)
 
     p = sub.add_parser("import-checkpoint", help="adopt an existing ResNet18 multitask state_dict")
     p.add_argument("file", type=Path)

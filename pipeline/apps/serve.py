@@ -53,7 +53,7 @@ class Champion:
             if version is None or (self.current is not None and self.current.resolved.version == version):
                 return False
             model, resolved = registry.load_model(version, self.params, name=self.model_name)  # by number: no race
-            scorer = Scorer(model, self.params.audio, self.params.features, self.device)
+            scorer = Scorer(model, self.params.audio, self.device)
             self.current = Served(scorer, replace(resolved, alias=registry.CHAMPION), model.meta.threshold,
                                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("serving %s v%d (%s)", self.model_name, version, resolved.checkpoint_path)

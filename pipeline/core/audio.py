@@ -154,6 +154,28 @@ def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
+def load_native(path: str | Path, sample_rate: int) -> np.ndarray:
+    """The whole file, mono, at `sample_rate` (its own rate for resynthesis), with the usual checks."""
+    return load_audio(path, AudioConfig(sample_rate=sample_rate))
+
+
+VAD_FRAME_S = 0.02
+
+
+def voiced_region(x: np.ndarray, sr: int, floor_db: float) -> tuple[int, int]:
+    """(start, end) samples between the first and last 20 ms frame within floor_db of the loudest frame:
+    leading and trailing silence or noise cut (an energy VAD, relative so that level does not matter).
+    The whole clip when floor_db is 0 or the region would be shorter than one frame."""
+    frame = max(1, round(VAD_FRAME_S * sr))
+    n = len(x) // frame
+    if floor_db <= 0 or n < 2:
+        return 0, len(x)
+    rms = np.sqrt(np.mean(np.square(x[:n * frame].reshape(n, frame), dtype=np.float64), axis=1))
+    loud = np.flatnonzero(rms >= rms.max() * 10 ** (-floor_db / 20))
+    start, end = int(loud[0]) * frame, (int(loud[-1]) + 1) * frame
+    return (start, end if loud[-1] < n - 1 else len(x)) if end - start >= frame else (0, len(x))
+
+
 def resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
     """Resample a whole array (float32)."""
     if orig == new:

@@ -2,7 +2,7 @@
 pure functions apply them (the descript-audiotools habit), so the same seed gives the same output.
 
 Waveforms are 1-D float32 arrays at `sr`; spectrograms are log-mel tensors (1, n_mels, T) or
-(B, 1, n_mels, T) as made by `pipeline.core.features.LogMel`.
+(B, 1, n_mels, T) as made by `pipeline.core.features.FrontEnd`.
 
 Waveform chain, in order (each switchable, each with its own probability):
 - time stretch by `rate` in `stretch_range` (0.9-1.1x): phase vocoder, so pitch is kept; the
@@ -12,9 +12,17 @@ Waveform chain, in order (each switchable, each with its own probability):
   MP3 0.5 -> ~82 kbit/s, 0.95 -> ~16 kbit/s; Opus 0.7 -> ~85 kbit/s, 0.95 -> ~22 kbit/s);
   codec delay is removed by cross-correlation and the length restored exactly;
 - telephone band: resampled to 8 kHz and back (nothing above ~4 kHz), optionally a 300 Hz high-pass;
+- a low-pass at a cut-off drawn from `lowpass_hz` (3.4-11 kHz): the band a clip reaches must not
+  tell its label, so both labels get the same distribution of bandwidths;
+- 8 kHz mu-law (G.711) round trip: the telephone codec;
+- RawBoost-style channel noise (Tak et al., ICASSP 2022), one of: a random convolutive channel
+  (an FIR filter with random band gains), signal-dependent impulsive noise, or stationary coloured
+  noise at an SNR drawn from `rawboost_snr_db`;
 - gain in dB drawn from `gain_db` (no clipping: samples may exceed 1);
 - Gaussian noise, scale-free: its RMS is `noise_base_level * U(noise_scale)` times the signal's
   RMS, i.e. 0.5 * U(0.25, 0.75) = 0.125..0.375, an SNR of about 18..8.5 dB.
+Codec2 is not among them: it rebuilds speech from parameters, so a codec2 copy is a vocoded twin
+(pipeline.synthesis), labelled AI, and cannot also be a human augmentation.
 
 Spectrogram chain: pitch shift by an integer k in [-pitch_shift_bins, pitch_shift_bins] mel bins
 (edge rows repeated into the vacated bins), then SpecAugment frequency and time masks filled
@@ -73,10 +81,10 @@ def codec_roundtrip(x: np.ndarray, sr: int, codec: Codec, level: float) -> np.nd
     sf.write(buf, y / scale, rate, format=fmt, subtype=subtype, compression_level=level, bitrate_mode=mode)
     buf.seek(0)
     z = sf.read(buf, dtype="float32")[0] * scale
-    return resample(_align(z, y), rate, sr)[:len(x)].astype(np.float32, copy=False)
+    return resample(align_to(z, y), rate, sr)[:len(x)].astype(np.float32, copy=False)
 
 
-def _align(y: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def align_to(y: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """y shifted by its cross-correlation lag against ref (|lag| <= MAX_CODEC_LAG), cut/zero-padded to len(ref)."""
     n = 1 << int(max(len(y), len(ref)) + MAX_CODEC_LAG).bit_length()
     c = np.fft.irfft(np.fft.rfft(y, n) * np.conj(np.fft.rfft(ref, n)), n)
@@ -94,6 +102,52 @@ def band_limit(x: np.ndarray, sr: int, highpass: bool = True) -> np.ndarray:
         scale = max(1.0, float(np.abs(y).max(initial=0.0)))   # biquad clamps to [-1, 1]
         y = AF.highpass_biquad(torch.from_numpy(y / scale), sr, HIGHPASS_HZ).numpy() * scale
     return y.astype(np.float32, copy=False)
+
+
+def lowpass(x: np.ndarray, sr: int, cutoff_hz: float) -> np.ndarray:
+    """8th-order Butterworth low-pass (zero phase); a no-op when the cut-off is at or above Nyquist."""
+    from scipy.signal import butter, sosfiltfilt
+
+    if cutoff_hz >= sr / 2 * 0.98 or len(x) < 64:
+        return x
+    return sosfiltfilt(butter(8, cutoff_hz, fs=sr, output="sos"), x).astype(np.float32)
+
+
+def mulaw_8k(x: np.ndarray, sr: int) -> np.ndarray:
+    """Through G.711-style 8-bit mu-law at 8 kHz and back (level kept; values beyond +-1 are scaled in)."""
+    y = resample(x, sr, TELEPHONE_SR)
+    scale = max(1.0, float(np.abs(y).max(initial=0.0)))
+    q = AF.mu_law_encoding(torch.from_numpy(y / scale), 256)
+    z = AF.mu_law_decoding(q, 256).numpy() * scale
+    return fit_length(resample(z, TELEPHONE_SR, sr), len(x)).astype(np.float32, copy=False)
+
+
+RAWBOOST_KINDS = ("convolutive", "impulsive", "stationary")
+
+
+def rawboost(x: np.ndarray, sr: int, kind: str, snr_db: float, seed: int) -> np.ndarray:
+    """One RawBoost-style distortion drawn from `seed`: a random linear channel (FIR with 5 random band
+    gains of -6..+6 dB), impulsive noise on 2 % of samples proportional to the signal, or stationary
+    noise shaped by such a random filter, at `snr_db`."""
+    from scipy.signal import fftconvolve, firwin2
+
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, np.float32)
+
+    def random_filter() -> np.ndarray:
+        freqs = np.r_[0.0, np.sort(rng.uniform(0.02, 0.98, 5)), 1.0]
+        gains = 10 ** (rng.uniform(-6, 6, len(freqs)) / 20)
+        return firwin2(129, freqs, gains)
+
+    if kind == "convolutive":
+        y = fftconvolve(x, random_filter(), mode="same")
+        return (y * (np.sqrt(np.mean(x ** 2)) / max(np.sqrt(np.mean(y ** 2)), 1e-9))).astype(np.float32)
+    if kind == "impulsive":
+        hit = rng.random(len(x)) < 0.02
+        return (x + hit * x * rng.uniform(-1, 1, len(x)) * 10 ** (-snr_db / 40)).astype(np.float32)
+    noise = fftconvolve(rng.standard_normal(len(x)), random_filter(), mode="same")
+    noise *= np.sqrt(np.mean(x ** 2) / max(np.mean(noise ** 2), 1e-12)) * 10 ** (-snr_db / 20)
+    return (x + noise).astype(np.float32)
 
 
 def apply_gain(x: np.ndarray, db: float) -> np.ndarray:
@@ -122,6 +176,10 @@ class WaveParams:
     gain_db: float = 0.0
     noise_ratio: float = 0.0
     noise_seed: int = 0
+    lowpass_hz: float = 0.0
+    mulaw: bool = False
+    rawboost: str | None = None
+    rawboost_snr_db: float = 0.0
 
 
 def draw_wave_params(cfg: AugmentConfig, rng: np.random.Generator) -> WaveParams:
@@ -134,6 +192,12 @@ def draw_wave_params(cfg: AugmentConfig, rng: np.random.Generator) -> WaveParams
     db = float(rng.uniform(*cfg.gain_db))
     ratio = cfg.noise_base_level * float(rng.uniform(*cfg.noise_scale))
     seed = int(rng.integers(2 ** 63))
+    # drawn after the original ones, so enabling these leaves the earlier draws of a seed unchanged
+    more = rng.random(3) < [cfg.lowpass_prob, cfg.mulaw_prob, cfg.rawboost_prob]
+    more &= [cfg.lowpass, cfg.mulaw, cfg.rawboost]
+    cutoff = float(rng.uniform(*cfg.lowpass_hz))
+    kind = RAWBOOST_KINDS[int(rng.integers(len(RAWBOOST_KINDS)))]
+    snr = float(rng.uniform(*cfg.rawboost_snr_db))
     return WaveParams(
         stretch=rate if on[0] else 1.0,
         codec=codec if on[1] else None,
@@ -143,11 +207,16 @@ def draw_wave_params(cfg: AugmentConfig, rng: np.random.Generator) -> WaveParams
         gain_db=db if on[3] else 0.0,
         noise_ratio=ratio if on[4] else 0.0,
         noise_seed=seed,
+        lowpass_hz=cutoff if more[0] else 0.0,
+        mulaw=bool(more[1]),
+        rawboost=kind if more[2] else None,
+        rawboost_snr_db=snr if more[2] else 0.0,
     )
 
 
 def apply_wave(x: np.ndarray, sr: int, p: WaveParams) -> np.ndarray:
-    """Apply drawn parameters: stretch, codec, band-limit, gain, noise; float32 of len(x)."""
+    """Apply drawn parameters: stretch, codec, band-limit, low-pass, mu-law, RawBoost, gain, noise;
+    float32 of len(x)."""
     y = np.asarray(x, np.float32)
     if p.stretch != 1.0:
         y = fit_length(time_stretch(y, p.stretch), len(x))
@@ -155,6 +224,12 @@ def apply_wave(x: np.ndarray, sr: int, p: WaveParams) -> np.ndarray:
         y = codec_roundtrip(y, sr, p.codec, p.codec_level)
     if p.band_limit:
         y = band_limit(y, sr, p.highpass)
+    if p.lowpass_hz:
+        y = lowpass(y, sr, p.lowpass_hz)
+    if p.mulaw:
+        y = mulaw_8k(y, sr)
+    if p.rawboost is not None:
+        y = rawboost(y, sr, p.rawboost, p.rawboost_snr_db, p.noise_seed ^ 0x5EED)
     if p.gain_db != 0.0:
         y = apply_gain(y, p.gain_db)
     return add_noise(y, p.noise_ratio, p.noise_seed)

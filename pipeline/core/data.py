@@ -1,21 +1,33 @@
 """Corpus manifests, labels and leakage-free splits.
 
 A corpus folder holds either a MANIFEST.csv (at least `path,label`; optional generator, speaker,
-language, n_speakers, source, sha256) or `human/` and `ai/` subfolders. A clip's source is the
-folder prefix before `__` (files of one source share a recording chain) unless the manifest names it.
+language, n_speakers, source, sha256, split, twin_of) or `human/` and `ai/` subfolders. A clip's
+source is the folder prefix before `__` (files of one source share a recording chain) unless the
+manifest names it. A vocoded twin (pipeline.synthesis) names its human original in `twin_of`.
+
+Splits keep whole groups on one side: a source (sources linked in params, e.g. one voice talent on
+two pages, count as one), a speaker, or a file. Placeholder speaker values ("unknown", "see notes",
+"speaker id in file name") are never one speaker: such clips are grouped by file.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from tqdm import tqdm
 
-from pipeline.core.audio import AUDIO_SUFFIXES
+from pipeline.core.audio import AUDIO_SUFFIXES, AudioError, load_audio, voiced_region
 from pipeline.core.model import AI_LABEL
+
+log = logging.getLogger(__name__)
 
 LABELS = {"human": 1 - AI_LABEL, "ai": AI_LABEL}
 UNKNOWN = "unknown"
@@ -36,6 +48,7 @@ class Clip:
     n_speakers: int = 1
     sha256: str = ""
     split: str = ""     # "train" or "test" when the manifest fixes it (see pipeline.io.store)
+    twin_of: str = ""   # sha256 of the human original when this clip is its vocoded twin
 
     @property
     def id(self) -> str:
@@ -44,6 +57,27 @@ class Clip:
     @property
     def label_name(self) -> str:
         return "ai" if self.label == AI_LABEL else "human"
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    clip: Clip
+    wave: np.ndarray              # mono float32 at the model's rate
+    voiced: tuple[int, int]       # samples between the first and last voiced frame (training crops stay inside)
+
+
+def load_clips(clips: list[Clip], params) -> list[LoadedClip]:
+    """Decode every clip (params: pipeline.config.Params); a bad file is reported in one line and left out,
+    the rest go on."""
+    loaded = []
+    for c in tqdm(clips, desc="decode", unit="clip", disable=None, leave=False):
+        try:
+            wave = load_audio(c.path, params.audio)
+        except AudioError as err:
+            log.warning("skipped %s", err)
+            continue
+        loaded.append(LoadedClip(c, wave, voiced_region(wave, params.audio.sample_rate, params.train.trim_silence_db)))
+    return loaded
 
 
 def source_of(path: Path) -> str:
@@ -84,7 +118,7 @@ def _from_manifest(manifest: Path) -> list[Clip]:
                 generator=_field(row, "generator", "human" if label == "human" else UNKNOWN),
                 speaker=_field(row, "speaker", UNKNOWN), language=_field(row, "language", UNKNOWN),
                 source=_field(row, "source", source_of(path)), n_speakers=int(n_spk),
-                sha256=_field(row, "sha256", ""), split=_field(row, "split", ""),
+                sha256=_field(row, "sha256", ""), split=_field(row, "split", ""), twin_of=_field(row, "twin_of", ""),
             ))
     return clips
 
@@ -117,26 +151,51 @@ def data_hash(clips: list[Clip]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
-def _group_key(clip: Clip) -> str:
-    """Clips that must stay on one side of a split: one speaker, or one file if the speaker is unknown."""
-    return f"speaker:{clip.speaker}" if clip.speaker != UNKNOWN else f"file:{clip.path}"
+_PLACEHOLDER = re.compile(r"^(unknown|n/?a|none|various|multiple|mixed)(?![a-z0-9])|^[-?]*$|^see |file ?name|"
+                          r"id prefix|\bspeakers\b", re.IGNORECASE)
 
 
-def split_by_speaker(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
-    """Speaker- and file-disjoint train/validation split holding about val_fraction of each class.
+def is_placeholder_speaker(speaker: str) -> bool:
+    """True for values that name no one speaker: unknown, "see notes", "speaker id in file name", "test speakers"."""
+    return not speaker.strip() or bool(_PLACEHOLDER.search(speaker.strip()))
 
-    Whole groups (a speaker, or a file of unknown speaker) go to validation in seeded random order
-    while they keep every class they hold within 1.5x its target; a class still missing then gets
-    its smallest group that is not the whole class. Raises CorpusError when validation cannot get
-    both classes.
+
+def source_groups(linked: Iterable[Iterable[str]]) -> dict[str, str]:
+    """source -> the name of its linked group (the first source listed), for sources that must stay together."""
+    return {src: group[0] for group in map(list, linked) if group for src in group}
+
+
+SplitBy = Literal["source", "speaker", "file"]
+
+
+def group_key(clip: Clip, by: SplitBy, linked: dict[str, str] | None = None) -> str:
+    """What must stay on one side of a split: the (linked) source, the speaker, or the file.
+    A speaker split falls back to the file for placeholder speakers."""
+    if by == "source":
+        return "source:" + (linked or {}).get(clip.source, clip.source)
+    if by == "speaker" and not is_placeholder_speaker(clip.speaker):
+        return f"speaker:{clip.speaker}"
+    return f"file:{clip.path}"
+
+
+def split_groups(clips: list[Clip], val_fraction: float, seed: int, by: SplitBy = "speaker",
+                 linked: dict[str, str] | None = None) -> tuple[list[Clip], list[Clip]]:
+    """Group-disjoint train/validation split (groups by `group_key`) holding about val_fraction of each class.
+
+    Twins go wherever their original goes and do not count toward the targets. Whole groups go to
+    validation in seeded random order while they keep every class they hold within 1.5x its target; a
+    class still missing then gets its smallest group that is not the whole class. Raises CorpusError
+    when validation cannot get both classes.
     """
+    originals = {c.sha256: c for c in clips if c.sha256 and not c.twin_of}
+    real = [c for c in clips if not c.twin_of]
     groups: dict[str, list[Clip]] = defaultdict(list)
-    for c in clips:
-        groups[_group_key(c)].append(c)
+    for c in real:
+        groups[group_key(c, by, linked)].append(c)
     keys = sorted(groups)
     np.random.default_rng(seed).shuffle(keys)
     counts = {k: np.bincount([c.label for c in groups[k]], minlength=2) for k in keys}
-    totals = np.bincount([c.label for c in clips], minlength=2)
+    totals = np.bincount([c.label for c in real], minlength=2)
     target = np.maximum(np.round(totals * val_fraction), 1)
     taken = np.zeros(2)
     val_keys: set[str] = set()
@@ -151,10 +210,20 @@ def split_by_speaker(clips: list[Clip], val_fraction: float, seed: int) -> tuple
             k = min(candidates, key=lambda k: counts[k].sum())
             val_keys.add(k)
             taken += counts[k]
-    train = [c for k in sorted(groups) if k not in val_keys for c in groups[k]]
-    val = [c for k in sorted(groups) if k in val_keys for c in groups[k]]
-    check_two_classes(val, "the validation split (speakers are never split; add speakers or files)")
+
+    def in_val(c: Clip) -> bool:
+        owner = originals.get(c.twin_of, c) if c.twin_of else c
+        return group_key(owner, by, linked) in val_keys
+
+    train = [c for c in clips if not in_val(c)]
+    val = [c for c in clips if in_val(c)]
+    check_two_classes([c for c in val if not c.twin_of], f"the validation split (whole {by}s are held out; add {by}s)")
     return train, val
+
+
+def split_by_speaker(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
+    """Speaker- and file-disjoint train/validation split (see split_groups)."""
+    return split_groups(clips, val_fraction, seed, "speaker")
 
 
 def split_by_source(clips: list[Clip], held_out: set[str]) -> tuple[list[Clip], list[Clip]]:

@@ -1,8 +1,11 @@
-"""Log-mel front end and segmentation, shared by training, validation and scoring.
+"""Spectrogram front end and segmentation, shared by training, validation and scoring.
 
 A segment is `audio.segment_s` seconds. Clips shorter than a segment are tiled (repeated) to
 full length rather than zero-padded, so that padding silence cannot become a class cue.
-Each log-mel segment has its mean removed, which makes scores independent of input gain.
+Each log spectrogram has its mean removed, which makes scores independent of input gain; with
+`normalize: rms` each window is also scaled to one RMS first, so the log floor sits at the same
+level below the speech whatever the recording's level. A trained model scores with the front end
+recorded in its checkpoint (`pipeline.core.model.ModelMeta.feature_config`).
 """
 from __future__ import annotations
 
@@ -15,23 +18,32 @@ import torchaudio
 from pipeline.config import AudioConfig, FeatureConfig
 
 
-class LogMel(torch.nn.Module):
-    """(B, samples) waveform -> (B, 1, n_mels, frames) mean-normalised log-mel."""
+RMS_LEVEL = 0.1   # the level every window is scaled to with normalize: rms
+
+
+class FrontEnd(torch.nn.Module):
+    """(B, samples) waveform -> (B, 1, bins, frames) mean-normalised log power spectrogram:
+    `n_mels` mel bins (kind mel) or n_fft/2+1 linear bins (kind linear)."""
 
     def __init__(self, audio: AudioConfig, feats: FeatureConfig) -> None:
         super().__init__()
         self.floor = feats.log_floor
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=audio.sample_rate, n_fft=feats.n_fft, win_length=feats.win_length,
-            hop_length=feats.hop_length, f_min=feats.f_min, f_max=feats.f_max, n_mels=feats.n_mels,
-            power=2.0, center=True,
-        )
+        self.rms = feats.normalize == "rms"
+        common = dict(n_fft=feats.n_fft, win_length=feats.win_length, hop_length=feats.hop_length, power=2.0, center=True)
+        if feats.kind == "mel":
+            self.spec = torchaudio.transforms.MelSpectrogram(
+                sample_rate=audio.sample_rate, f_min=feats.f_min, f_max=feats.f_max, n_mels=feats.n_mels, **common)
+        else:
+            self.spec = torchaudio.transforms.Spectrogram(**common)
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        spec = self.mel(wave.float()).clamp_min(self.floor).log()  # (B, n_mels, T)
+        wave = wave.float()
+        if self.rms:
+            wave = wave * (RMS_LEVEL / wave.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-8))
+        spec = self.spec(wave).clamp_min(self.floor).log()  # (B, bins, T)
         spec = spec - spec.mean(dim=(1, 2), keepdim=True)
-        return spec.unsqueeze(1)  # (B, 1, n_mels, T)
+        return spec.unsqueeze(1)  # (B, 1, bins, T)
 
 
 def fit_length(x: np.ndarray, n: int) -> np.ndarray:
@@ -42,12 +54,21 @@ def fit_length(x: np.ndarray, n: int) -> np.ndarray:
     return np.tile(x, reps)[:n] if reps > 1 else x[:n]
 
 
+def draw_start(length: int, n: int, rng: np.random.Generator) -> int:
+    """Where a random n-sample crop of a `length`-sample clip starts (its tiling phase when shorter)."""
+    return int(rng.integers(length)) if length <= n else int(rng.integers(length - n + 1))
+
+
+def crop_at(x: np.ndarray, start: int, n: int) -> np.ndarray:
+    """The n-sample crop starting at `start`; a short clip is tiled from phase `start`."""
+    if len(x) <= n:
+        return fit_length(np.roll(x, -start), n)
+    return x[start:start + n]
+
+
 def random_crop(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """A random n-sample crop (training); short clips are tiled from a random phase."""
-    if len(x) <= n:
-        return fit_length(np.roll(x, -int(rng.integers(len(x)))), n)
-    start = int(rng.integers(len(x) - n + 1))
-    return x[start:start + n]
+    return crop_at(x, draw_start(len(x), n, rng), n)
 
 
 def window_starts(n_samples: int, seg: int, hop: int) -> list[int]:

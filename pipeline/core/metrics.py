@@ -5,7 +5,10 @@ when its score >= threshold.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -20,33 +23,63 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) for every distinct threshold, thresholds descending; first point is (0, 0)."""
     s, y = _check(scores, labels)
-    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
-    pos, neg = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
-    tpr = np.array([((s >= t) & (y == 1)).sum() / pos for t in thresholds])
-    fpr = np.array([((s >= t) & (y == 0)).sum() / neg for t in thresholds])
-    return fpr, tpr, thresholds
+    if y.min() == y.max():  # one class: the rates of the absent class stay 0
+        thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
+        hit = np.array([(s >= t).mean() for t in thresholds])
+        zero = np.zeros(len(thresholds))
+        return (zero, hit, thresholds) if y[0] == 1 else (hit, zero, thresholds)
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thr
 
 
 def compute_eer(scores, labels) -> tuple[float, float]:
-    """Equal error rate and the threshold where false-positive and false-negative rates cross."""
+    """Equal error rate, interpolated where the false-negative and false-positive rates cross between
+    two ROC points, and the threshold of the ROC point nearest the crossing."""
     s, y = _check(scores, labels)
     if y.min() == y.max():
         raise ValueError("EER needs both human and AI clips")
     fpr, tpr, thr = roc_points(s, y)
-    fnr = 1 - tpr
-    i = int(np.argmin(np.abs(fnr - fpr)))
-    # between two ROC points the rates cross: take the mean of the two errors at the closest point
-    return float((fpr[i] + fnr[i]) / 2), float(min(thr[i], 1.0))
+    diff = (1 - tpr) - fpr   # decreasing from 1 to -1 along the curve
+    i = int(np.argmax(diff <= 0))   # first point at or past the crossing
+    if diff[i] == 0 or i == 0:
+        eer = fpr[i]
+    else:
+        t = diff[i - 1] / (diff[i - 1] - diff[i])
+        eer = fpr[i - 1] + t * (fpr[i] - fpr[i - 1])
+    j = i if i == 0 or abs(diff[i]) <= abs(diff[i - 1]) else i - 1
+    return float(eer), float(min(thr[j], 1.0))
 
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve (probability that an AI clip outscores a human one; ties count half)."""
     s, y = _check(scores, labels)
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    if y.min() == y.max():
         raise ValueError("AUC needs both human and AI clips")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    return float(roc_auc_score(y, s))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a rate k/n; (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def rate(k: int, n: int) -> dict:
+    """A rate with its count and 95 % Wilson interval: {"value", "k", "n", "low", "high"}."""
+    lo, hi = wilson(k, n)
+    return {"value": k / n if n else float("nan"), "k": int(k), "n": int(n), "low": lo, "high": hi}
+
+
+def recall_at_fpr(scores, labels, target_fpr: float) -> float:
+    """Recall on the AI clips at the threshold that lets at most target_fpr of these humans through:
+    the operating point that puts two models on the same footing."""
+    s, y = _check(scores, labels)
+    if y.min() == y.max():
+        return float("nan")
+    return float((s[y == 1] >= threshold_at_fpr(s[y == 0], target_fpr)).mean())
 
 
 def rates_at(scores, labels, threshold: float) -> dict[str, float]:
@@ -66,15 +99,18 @@ def rates_at(scores, labels, threshold: float) -> dict[str, float]:
 
 
 def threshold_at_fpr(human_scores, target_fpr: float) -> float:
-    """Lowest threshold whose false-positive rate on these human scores is <= target_fpr."""
+    """A threshold whose false-positive rate on these human scores is <= target_fpr, interpolated:
+    halfway between the highest human score it must let through and the next one (just above the top
+    human score when none may pass; then the estimate needs about 1/target_fpr humans to mean much)."""
     h = np.sort(np.asarray(human_scores, float))[::-1]
     if len(h) == 0:
         raise ValueError("threshold calibration needs human clips")
     allowed = int(np.floor(target_fpr * len(h)))  # humans that may score at or above the threshold
     if allowed >= len(h):
         return 0.0
-    # just above the (allowed+1)-th highest human score
-    return float(np.nextafter(h[allowed], np.inf))  # may exceed 1.0: then nothing is called AI
+    if allowed == 0 or h[allowed - 1] == h[allowed]:
+        return float(np.nextafter(h[allowed], np.inf))  # may exceed 1.0: then nothing is called AI
+    return float((h[allowed - 1] + h[allowed]) / 2)
 
 
 def summarize(scores, labels, threshold: float) -> dict[str, float]:

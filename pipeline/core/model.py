@@ -3,6 +3,11 @@
 Layer names follow torchvision's resnet18 (conv1, bn1, layer1..layer4), so production checkpoints
 built on it map onto `trunk.*` directly. A checkpoint file is a plain dict
 {"format", "state_dict", "meta"} that loads with `torch.load(..., weights_only=True)`.
+
+A fine-tuned model may carry a `CosineHead` (meta.cosine_head): evidence from directions in the
+embedding space (prototypes of generators learned from a few clips, or an OC-softmax human direction).
+Its probability and the linear `ai` head's are combined by taking the larger, and returned as the
+`ai` logits, so everything that scores a model (softmax(ai)[1]) works unchanged.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AudioConfig, FeatureConfig
@@ -81,25 +87,55 @@ class ModelMeta:
     data_hash: str = ""
     params_hash: str = ""
     notes: dict = field(default_factory=dict)
+    cosine_head: dict = field(default_factory=dict)   # {"kind", "generators", "n_prototypes"} when present
 
-    def check_compatible(self, audio: AudioConfig, feats: FeatureConfig, source: str) -> None:
-        """Refuse a checkpoint trained on other audio/feature settings than the configured ones."""
-        for name, theirs, ours in (("audio", self.audio, audio.model_dump()), ("features", self.features, feats.model_dump())):
-            diff = {k: (theirs.get(k), v) for k, v in ours.items() if k in _MODEL_INPUT_KEYS and theirs.get(k) != v}
-            if diff:
-                detail = ", ".join(f"{name}.{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in diff.items())
-                raise CheckpointError(f"{source}: checkpoint was trained with other input settings ({detail})")
+    def feature_config(self) -> FeatureConfig:
+        """The front end this model was trained with (keys an older checkpoint lacks take the defaults,
+        which are the production front end's behaviour)."""
+        return FeatureConfig.model_validate({k: v for k, v in self.features.items() if k in FeatureConfig.model_fields})
+
+    def check_compatible(self, audio: AudioConfig, source: str) -> None:
+        """Refuse a checkpoint that expects audio decoded at another rate or cut into other segments.
+        (Spectrogram settings need no check: scoring uses the model's own, `feature_config`.)"""
+        theirs = self.audio
+        diff = {k: (theirs.get(k), v) for k, v in audio.model_dump().items() if k in _DECODE_KEYS and theirs.get(k) != v}
+        if diff:
+            detail = ", ".join(f"audio.{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"{source}: checkpoint was trained on other audio ({detail})")
 
 
-_MODEL_INPUT_KEYS = {"sample_rate", "segment_s", "n_mels", "n_fft", "win_length", "hop_length", "f_min", "f_max", "log_floor"}
+_DECODE_KEYS = {"sample_rate", "segment_s"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or does not fit the configuration."""
 
 
+class CosineHead(nn.Module):
+    """AI probability from the embedding's direction: evidence s = max_k cos(e, p_k) - cos(e, h) (prototypes
+    p_k of generators; h the human centroid, or a learned human direction with no prototypes), mapped by
+    sigmoid(scale * s + bias). Buffers only: it is set by fine-tuning, not by gradient steps of other heads."""
+
+    def __init__(self, dim: int, n_prototypes: int) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", torch.zeros(n_prototypes, dim))
+        self.register_buffer("human", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def evidence(self, emb: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(emb, dim=-1)  # (B, D)
+        s = -(e @ F.normalize(self.human, dim=0))
+        if len(self.prototypes):
+            s = s + (e @ F.normalize(self.prototypes, dim=-1).T).max(-1).values
+        return s  # (B,)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scale * self.evidence(emb) + self.bias)
+
+
 class Detector(nn.Module):
-    """Trunk + three heads; forward returns logits per head."""
+    """Trunk + three heads (+ an optional cosine head); forward returns logits per head."""
 
     def __init__(self, meta: ModelMeta) -> None:
         super().__init__()
@@ -112,13 +148,19 @@ class Detector(nn.Module):
             "language": nn.Linear(d, max(1, len(meta.languages))),
             "speakers": nn.Linear(d, len(SPEAKER_CLASSES)),
         })
+        self.cosine = CosineHead(d, meta.cosine_head.get("n_prototypes", 0)) if meta.cosine_head else None
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         return self.trunk(feats)  # (B, D)
 
     def heads_forward(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb = self.dropout(emb)
-        return {name: head(emb) for name, head in self.heads.items()}
+        dropped = self.dropout(emb)
+        out = {name: head(dropped) for name, head in self.heads.items()}
+        if self.cosine is not None:
+            p = torch.maximum(out["ai"].softmax(-1)[:, AI_LABEL], self.cosine(emb)).clamp(1e-7, 1 - 1e-7)
+            out["ai"] = torch.stack([torch.log1p(-p), torch.log(p)], -1) if AI_LABEL == 1 else \
+                torch.stack([torch.log(p), torch.log1p(-p)], -1)
+        return out
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads_forward(self.embed(feats))
@@ -138,9 +180,9 @@ def save_checkpoint(model: Detector, path: str | Path, **meta_updates) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, audio: AudioConfig | None = None, feats: FeatureConfig | None = None,
+def load_checkpoint(path: str | Path, audio: AudioConfig | None = None,
                     map_location: str | torch.device = "cpu") -> Detector:
-    """Load a checkpoint written by save_checkpoint (weights_only=True) and check it fits the config."""
+    """Load a checkpoint written by save_checkpoint (weights_only=True) and check it fits the audio config."""
     path = Path(path)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
@@ -153,8 +195,8 @@ def load_checkpoint(path: str | Path, audio: AudioConfig | None = None, feats: F
     raw = dict(blob["meta"])
     raw["languages"] = tuple(raw["languages"])
     meta = ModelMeta(**raw)
-    if audio is not None and feats is not None:
-        meta.check_compatible(audio, feats, str(path))
+    if audio is not None:
+        meta.check_compatible(audio, str(path))
     model = Detector(meta)
     model.load_state_dict(blob["state_dict"])
     return model.eval()

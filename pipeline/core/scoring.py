@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from pipeline.core.audio import AudioError
-from pipeline.config import AudioConfig, DetectConfig, FeatureConfig
-from pipeline.core.features import LogMel, windows
+from pipeline.config import AudioConfig, DetectConfig
+from pipeline.core.features import FrontEnd, windows
 from pipeline.core.model import AI_LABEL, SPEAKER_CLASSES, Detector
 
 
@@ -27,22 +27,25 @@ class WindowScores:
     ai: np.ndarray         # (B,)
     language: np.ndarray   # (B, n_languages)
     speakers: np.ndarray   # (B, 2) single / several
+    rms: np.ndarray        # (B,) level of each window, to leave near-silent ones out of the clip score
 
 
 class Scorer:
-    """Runs a detector on batches of raw windows (B, segment_samples) in eval mode without gradients."""
+    """Runs a detector on batches of raw windows (B, segment_samples) in eval mode without gradients,
+    through the front end recorded in the model's checkpoint."""
 
-    def __init__(self, model: Detector, audio: AudioConfig, feats: FeatureConfig, device: str = "auto") -> None:
+    def __init__(self, model: Detector, audio: AudioConfig, device: str = "auto") -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        self.logmel = LogMel(audio, feats).to(self.device)
+        self.front_end = FrontEnd(audio, model.meta.feature_config()).to(self.device)
 
     @torch.no_grad()
     def __call__(self, batch: np.ndarray) -> WindowScores:
         x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
-        out = self.model(self.logmel(x))  # dict of (B, classes) logits
+        out = self.model(self.front_end(x))  # dict of (B, classes) logits
         prob = {k: v.float().softmax(-1).cpu().numpy() for k, v in out.items()}
-        return WindowScores(ai=prob["ai"][:, AI_LABEL], language=prob["language"], speakers=prob["speakers"])
+        rms = x.square().mean(-1).sqrt().cpu().numpy()
+        return WindowScores(ai=prob["ai"][:, AI_LABEL], language=prob["language"], speakers=prob["speakers"], rms=rms)
 
 
 @dataclass
@@ -55,12 +58,16 @@ class ClipScore:
     speakers: str
 
 
-def aggregate(parts: list[WindowScores], how: str, languages: tuple[str, ...]) -> ClipScore:
-    """Clip score = mean (or max) of window AI scores; language and speakers by mean probability."""
+def aggregate(parts: list[WindowScores], how: str, languages: tuple[str, ...], silent_db: float = 0.0) -> ClipScore:
+    """Clip score = mean (or max) of window AI scores; language and speakers by mean probability.
+    With silent_db > 0, windows more than silent_db below the clip's loudest window (a pause, leading
+    or trailing silence) are left out, so silence cannot move the verdict; all windows are still listed."""
     ai = np.concatenate([p.ai for p in parts])
+    rms = np.concatenate([p.rms for p in parts])
     lang = np.concatenate([p.language for p in parts]).mean(0)
     spk = np.concatenate([p.speakers for p in parts]).mean(0)
-    score = float(ai.max() if how == "max" else ai.mean())
+    voiced = rms >= rms.max() * 10 ** (-silent_db / 20) if silent_db > 0 else np.ones(len(ai), bool)
+    score = float(ai[voiced].max() if how == "max" else ai[voiced].mean())
     return ClipScore(ai_score=score, windows=[round(float(a), 6) for a in ai],
                      language=languages[int(lang.argmax())] if languages else "unknown",
                      speakers=SPEAKER_CLASSES[int(spk.argmax())])
@@ -83,7 +90,7 @@ def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detec
             s = scorer(np.stack(batch))
             for idx in dict.fromkeys(owners):
                 sel = np.array([o == idx for o in owners])
-                parts[idx].append(WindowScores(s.ai[sel], s.language[sel], s.speakers[sel]))
+                parts[idx].append(WindowScores(s.ai[sel], s.language[sel], s.speakers[sel], s.rms[sel]))
             batch.clear()
             owners.clear()
 
@@ -93,7 +100,7 @@ def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detec
 
     def emit(idx: int) -> ClipScore | AudioError:
         state, got = finished.pop(idx), parts.pop(idx, [])
-        return state if isinstance(state, AudioError) else aggregate(got, detect.aggregate, languages)
+        return state if isinstance(state, AudioError) else aggregate(got, detect.aggregate, languages, detect.silent_window_db)
 
     next_out = 0
     for idx, stream in enumerate(streams):
@@ -123,3 +130,8 @@ def score_arrays(scorer: Scorer, clips: Iterable[np.ndarray], audio: AudioConfig
     """Score in-memory clips (already at the model's rate) with the same fixed windows as detection."""
     seg, hop = audio.segment_samples, round(detect.hop_s * audio.sample_rate)
     return list(score_streams(scorer, (windows(x, seg, hop) for x in clips), detect))
+
+
+def score_model(model: Detector, waves: Iterable[np.ndarray], params, device: str = "cpu") -> list[ClipScore]:
+    """Score in-memory clips with a model the way detection does (params: pipeline.config.Params)."""
+    return score_arrays(Scorer(model, params.audio, device), waves, params.audio, params.detect)

@@ -62,17 +62,22 @@ class Resolved:
 
 
 def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | None = None,
-             gates_passed: bool | None = None, name: str = DEFAULT_NAME, experiment: str | None = None) -> int:
+             gates_passed: bool | None = None, status: str | None = None, name: str = DEFAULT_NAME,
+             experiment: str | None = None) -> int:
     """Log the checkpoint as a pyfunc model in a run (`run_id`, the active run, or a new one in `experiment`),
     register it as a new version of `name` with lineage and validation tags, and return its number. The
     checkpoint file is stored once, as the model's artifact. Tag `failed_gates` to name them in refusals.
+
+    `status` (e.g. "insufficient evidence") overrides the passed/failed of `gates_passed` in the
+    `validation_status` tag; only "passed" can be promoted without force.
 
     The first version of a model becomes champion; later ones that passed the gates become challenger."""
     client = tracking.configure()
     meta = load_checkpoint(ckpt_path).meta  # refuses anything that is not a checkpoint
     lineage = tracking.lineage_tags(params_hash=meta.params_hash, data_hash=meta.data_hash)
     given = {k: str(v) for k, v in (tags or {}).items()}  # may override lineage, never the validation status
-    version_tags = lineage | given | {"validation_status": _STATUS[gates_passed], "threshold": str(meta.threshold),
+    validation = (status or _STATUS[gates_passed]).replace(" ", "-")
+    version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
                                       "checkpoint": Path(ckpt_path).name}
     with _run(client, run_id, experiment or name):
         mlflow.set_tags(lineage)
@@ -147,6 +152,18 @@ def history(name: str = DEFAULT_NAME) -> list[dict]:
     return sorted(events, key=lambda e: e["at"])
 
 
+def count_versions(tag: str, value: str, name: str = DEFAULT_NAME) -> int:
+    """How many versions of `name` carry tag=value (e.g. candidates judged on the same gate data)."""
+    client = tracking.configure()
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return 0
+        raise
+    return sum(1 for mv in found if mv.tags.get(tag) == value)
+
+
 def list_versions(name: str = DEFAULT_NAME) -> list[dict]:
     """Every version, oldest first: aliases, creation time, validation status, threshold, metrics,
     lineage and its latest promotion (None if never champion)."""
@@ -184,7 +201,7 @@ def resolve(ref: str | int | None = None, name: str = DEFAULT_NAME) -> Resolved:
 def load_model(ref: str | int | None, params: Params, *, name: str = DEFAULT_NAME) -> tuple[Detector, Resolved]:
     """Resolve `ref` and load its checkpoint, checked against the configured audio and feature settings."""
     resolved = resolve(ref, name)
-    return load_checkpoint(resolved.checkpoint_path, params.audio, params.features), resolved
+    return load_checkpoint(resolved.checkpoint_path, params.audio), resolved
 
 
 def _make_champion(client: MlflowClient, name: str, version: int, *, action: str, reason: str, user: str | None,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from pipeline.core.audio import AudioError, audio_info, load_audio
 from pipeline.config import AudioConfig, IngestConfig
-from pipeline.core.data import LABELS, UNKNOWN, file_sha256, read_corpus, source_of
+from pipeline.core.data import LABELS, UNKNOWN, file_sha256, is_placeholder_speaker, read_corpus, source_of
 
 MANIFEST = "MANIFEST.csv"
 COLUMNS = ("path", "sha256", "label", "generator", "speaker", "language", "n_speakers", "duration_s",
-           "sample_rate", "source", "split", "added_at", "batch", "original_name")
+           "sample_rate", "source", "split", "added_at", "batch", "original_name", "twin_of")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def write_manifest(store: Path, rows: list[dict]) -> None:
 
 def split_for(speaker: str, sha256: str, test_fraction: float, by: str) -> str:
     """'test' or 'train' from a hash: stable per speaker (by="speaker", known speakers) or per file."""
-    key = f"speaker:{speaker}" if by == "speaker" and speaker != UNKNOWN else f"file:{sha256}"
+    key = f"speaker:{speaker}" if by == "speaker" and not is_placeholder_speaker(speaker) else f"file:{sha256}"
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if bucket < test_fraction else "train"
 

@@ -2,7 +2,8 @@
 
 Not a DVC stage (it starts the model line rather than updating it), but built like one:
 `run(params, corpus)` for the Prefect flow and the CLI, `main(argv)` for the command line.
-The first registered model becomes `champion`.
+The first registered model becomes `champion`. With `lso=K` the same recipe is first judged
+leave-sources-out (pipeline.stages.evaluate) and the version is tagged with those figures.
 """
 from __future__ import annotations
 
@@ -14,18 +15,30 @@ from pathlib import Path
 import mlflow
 
 from pipeline.io import registry, tracking
+from pipeline.stages import evaluate
 from pipeline.config import Params, load_params
 from pipeline.core.data import LABELS
 from pipeline.training.plots import write_plots
 from pipeline.training.train import bootstrap
 
 
-def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None) -> dict:
+def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None,
+        twins: str | Path | None = None, lso: int = 0, seeds: int = 1) -> dict:
     """Train, log params/lineage/per-epoch and validation metrics/the report, register; return the report."""
+    lso_tags, lso_result = {}, None
+    if lso:
+        lso_result = evaluate.run(params, corpus, lso, seeds, twins)
+        summary, first = lso_result["summary"], lso_result["per_seed"][0]
+        lso_tags = {"lso_pooled_eer": f"{summary['pooled_eer']['mean']:.4f}",
+                    "lso_pooled_eer_ci": f"{first['pooled_eer_ci'][0]:.3f}-{first['pooled_eer_ci'][1]:.3f}",
+                    "lso_matched_pair_eer": f"{summary['matched_pair_eer']['mean']:.4f}",
+                    "lso_folds": f"{lso_result['k']}x{seeds}", "lso_run_id": lso_result["mlflow_run_id"]}
     with tracking.training_run(params, "bootstrap") as active:
-        result = bootstrap(corpus, params, out, report)
+        result = bootstrap(corpus, params, out, report, twins)
         mlflow.set_tag("data_hash", result["data_hash"])
         tracking.log_history(result["history"])
+        mlflow.log_metrics({"calibrated_threshold": result["calibration"]["threshold"],
+                            "calibration_humans": result["calibration"]["n_humans"]})
         overall = result["validation"]["overall"]
         mlflow.log_metrics({f"val_{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float)) and v == v})
         mlflow.log_dict(result, "bootstrap_report.json")
@@ -36,16 +49,19 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
             mlflow.log_artifacts(plots, "plots")
         version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
                                     tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
-                                          "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap"})
-    return result | {"model_version": version, "mlflow_run_id": active.info.run_id}
+                                          "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap",
+                                          "split_by": params.train.split_by} | lso_tags)
+    return result | {"model_version": version, "mlflow_run_id": active.info.run_id, "lso": lso_result}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages.bootstrap")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--corpus", required=True)
+    parser.add_argument("--twins", help="twins folder (default: train.twins)")
+    parser.add_argument("--lso", type=int, default=0, metavar="K", help="first evaluate the recipe leave-sources-out, K folds")
     args = parser.parse_args(argv)
-    result = run(load_params(args.params), args.corpus)
+    result = run(load_params(args.params), args.corpus, twins=args.twins, lso=args.lso)
     print(f"registered v{result['model_version']} (run {result['mlflow_run_id']})")
     return 0
 

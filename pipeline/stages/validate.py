@@ -13,20 +13,31 @@ from pipeline.config import Params
 from pipeline.core.model import load_checkpoint
 from pipeline.training.plots import write_plots
 from pipeline.stages.common import stage_main, write_json
-from pipeline.training.validate import validate
+from pipeline.training.validate import gate_data_key, held_out_clips, validate
 
-SUMMARY_KEYS = ("threshold", "eer", "auc", "fpr", "recall", "new_recall", "n_test", "n_new")
+def summary(m: dict) -> dict:
+    """One model's numbers for `dvc metrics`: flat, every rate with its interval."""
+    out = {"threshold": m["threshold"], "eer": m["eer"], "auc": m["auc"], "n_test": m["n_test"], "n_new": m["n_new"]}
+    for key in ("fpr", "recall", "new_recall"):
+        r = m[key]
+        out |= {key: r["value"], f"{key}_low": r["low"], f"{key}_high": r["high"]}
+    for point in m["operating_points"]:
+        pct = f"{point['human_fpr'] * 100:g}pct"
+        out |= {f"new_recall_at_{pct}_fpr": point["new_recall"], f"earlier_ai_recall_at_{pct}_fpr": point["earlier_ai_recall"]}
+    return out | {f"{h}_accuracy": a for h, a in m["head_accuracy"].items()}
 
 
 def run(params: Params) -> dict:
     cfg = params.validation
-    candidate = load_checkpoint(params.finetune.out, params.audio, params.features)
-    production = load_checkpoint(params.finetune.base_model, params.audio, params.features)
+    candidate = load_checkpoint(params.finetune.out, params.audio)
+    production = load_checkpoint(params.finetune.base_model, params.audio)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
-    result = validate(candidate, production, finetune_report, params)
+    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]))
+    key = gate_data_key(test, new)
+    earlier = registry.count_versions("gate_data", key, params.registry.model_name)
+    result = validate(candidate, production, finetune_report, params, earlier_tries=earlier)
     models = result["models"]
-    metrics = {name: {k: m[k] for k in SUMMARY_KEYS} | {f"{h}_accuracy": a for h, a in m["head_accuracy"].items()}
-               for name, m in models.items()}
+    metrics = {name: summary(m) for name, m in models.items()}
     write_json(cfg.metrics, metrics)
     write_json(cfg.tables, {name: {k: m["tables"][k] for k in ("per_generator", "per_source")} for name, m in models.items()})
     write_plots({name: {"scores": m["scores"], "labels": m["labels"], "threshold": m["threshold"]}
@@ -35,8 +46,8 @@ def run(params: Params) -> dict:
     verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"],
                                                      candidate_scores)
     write_json(cfg.verdict, verdict)
-    return {"passed": verdict["passed"], "reasons": verdict["reasons"], "verdict": cfg.verdict,
-            "model_version": verdict["model_version"]}
+    return {"passed": verdict["passed"], "status": verdict["status"], "reasons": verdict["reasons"],
+            "verdict": cfg.verdict, "model_version": verdict["model_version"]}
 
 
 def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict, scores: dict) -> dict:
@@ -49,7 +60,7 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in metrics[name].items()
                                 if isinstance(v, (int, float)) and v == v})
         mlflow.log_metrics({f"gate_{n}": float(g["passed"]) for n, g in verdict["gates"].items()})
-        mlflow.set_tag("validation_status", "passed" if verdict["passed"] else "failed")
+        mlflow.set_tag("validation_status", verdict["status"].replace(" ", "-"))
         mlflow.log_artifact(cfg.metrics)
         mlflow.log_artifact(cfg.tables)
         mlflow.log_artifacts(cfg.plots, "plots")
@@ -59,9 +70,12 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
         failed = [n for n, g in verdict["gates"].items() if not g["passed"]]
         version = registry.register(
             params.finetune.out, run_id=run_id, name=params.registry.model_name, gates_passed=verdict["passed"],
+            status=verdict["status"],
             tags={"eer": f"{cand['eer']:.4f}", "auc": f"{cand['auc']:.4f}", "human_fpr": f"{cand['fpr']:.4f}",
                   "new_gen_recall": f"{cand['new_recall']:.4f}", "gates": json.dumps({n: g["passed"] for n, g in verdict["gates"].items()}),
-                  "failed_gates": ", ".join(failed) or "none", "source": "finetune"})
+                  "failed_gates": ", ".join(failed) or "none", "source": "finetune", "gate_data": verdict["gate_data"],
+                  "tries_on_gate_data": str(verdict["tries_on_gate_data"]), "recipe": str(verdict.get("recipe")),
+                  "missing_evidence": "; ".join(verdict["missing_evidence"]) or "none"})
     return {"model_version": version, "mlflow_run_id": run_id}
 
 

@@ -1,24 +1,34 @@
-"""Fine-tuning: adapt the production model to a new generator without forgetting human speech.
+"""Fine-tuning: a candidate that catches a new generator from a few clips without flagging humans.
 
-Training data = the new samples' augmented copies + a replay set of stored human speech and
-earlier AI speech (train split only, source-balanced random crops, augmented the same way so
-that "augmented" cannot become an AI cue). The loss is class-balanced, and within the AI class
-the new samples carry `new_share` of the weight: a few dozen new copies are not drowned by the
-replay of generators the model already knows. By default only the `ai` head trains: the frozen
-trunk's embeddings are computed once per segment and the head is trained on them. With
-`train_last_block`, layer3 outputs are cached instead and layer4 trains too; the `language` and
-`speakers` heads then see a changed embedding, so a distillation loss (weight `distill_weight`)
-keeps their outputs on the training segments as production's.
+Data. The new samples' augmented copies (augment stage), and a replay set of stored speech from every
+source (train split only, source-balanced random crops, augmented the same way, so that "augmented"
+cannot become an AI cue): humans and earlier AI generators. The humans are split by speaker three
+ways: replay (training), early stopping, and threshold calibration; no calibration human is trained
+or stopped on. The loss is class-balanced, and within the AI class the new samples carry `new_share`.
 
-Early stopping uses held-out speakers of the replay set and held-out copies of the new samples.
-The decision threshold is calibrated on held-out human clips to `finetune.target_fpr`.
-Recall on the new generator is estimated leave-one-file-out (a head trained without file f scores
-f); with a single new file, its held-out augmented copies are used instead.
+Recipes (`finetune.recipe`; bench/finetune_recipes.py compares them):
+- `prototype`: no gradient step. Each new generator becomes a prototype, the mean direction of its
+  copies' trunk embeddings; a clip's evidence is its cosine to the nearest prototype minus its cosine
+  to the human replay's centroid, mapped to a probability by a two-parameter logistic fit. The
+  candidate serves the larger of that and production's `ai` head (pipeline.core.model.CosineHead).
+- `ocsoftmax`: a learned human direction with the one-class softmax loss (Zhang et al. 2021) on
+  frozen embeddings, served the same way.
+- `head`: the `ai` head retrained on frozen-trunk embeddings (the production recipe).
+- `last_block`: layer4 and the `ai` head on cached layer3 outputs; a distillation loss keeps the
+  `language` and `speakers` heads' outputs as production's.
+- `input_layers`: the stem and layer1 ("freeze and learn"), everything after them frozen, with the
+  same distillation; every step runs the whole network, so it is the slowest.
+
+Evidence for the gates. Recall on the new generator is estimated leave-one-file-out: for each new
+file, a candidate made by the same recipe WITHOUT that file (neither its copies in training nor in
+early stopping) scores the whole file at its own threshold, calibrated on the calibration humans.
+With one new file there is no such estimate, and the report says so.
 """
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,26 +40,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Params
 from pipeline.core.audio import AudioError, load_audio
 from pipeline.core.augment import augment_spec, augment_wave
-from pipeline.config import Params
-from pipeline.core.data import UNKNOWN, Clip, CorpusError, check_labels, read_corpus
-from pipeline.core.features import LogMel, random_crop
-from pipeline.core.metrics import compute_eer, threshold_at_fpr
-from pipeline.core.model import AI_LABEL, Detector
-from pipeline.core.scoring import Scorer, pick_device, score_arrays
-from pipeline.training.train import load_clips
+from pipeline.core.data import Clip, CorpusError, check_labels, group_key, load_clips, read_corpus
+from pipeline.core.features import FrontEnd, random_crop
+from pipeline.core.metrics import compute_eer
+from pipeline.core.model import AI_LABEL, CosineHead, Detector
+from pipeline.core.scoring import pick_device, score_model
+from pipeline.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
+
+RECIPES = ("prototype", "ocsoftmax", "head", "last_block", "input_layers")
+TRAINED = {"prototype": "cosine head (prototypes)", "ocsoftmax": "cosine head (one-class softmax)", "head": "ai head",
+           "last_block": "ai head + layer4", "input_layers": "stem + layer1"}
+OC_MARGINS, OC_ALPHA = (0.9, 0.2), 20.0   # human cosine above 0.9, AI below 0.2 (Zhang et al. 2021)
 
 
 @dataclass
 class Segments:
-    """Training segments: 3 s waves, labels, and the file each came from (for leave-one-file-out)."""
+    """Training segments: 3 s waves, labels, the file each came from, and the early-stopping mask."""
 
     waves: np.ndarray      # (N, seg)
     labels: np.ndarray     # (N,)
-    files: np.ndarray      # (N,) sha256 or path of the source clip
+    files: np.ndarray      # (N,) sha256 of a new file, or path of a replay clip
     is_val: np.ndarray     # (N,) bool: held out for early stopping
 
 
@@ -102,29 +117,6 @@ def concat(parts: list[Segments]) -> Segments:
     return Segments(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("waves", "labels", "files", "is_val")))
 
 
-class Adapter(nn.Module):
-    """The trainable part: the ai head (and layer4 when train_last_block) on cached trunk outputs.
-    With layer4 it also holds frozen copies of the other heads, for the distillation loss."""
-
-    def __init__(self, model: Detector, train_last_block: bool) -> None:
-        super().__init__()
-        self.layer4 = copy.deepcopy(model.trunk.layer4) if train_last_block else None
-        self.dropout = copy.deepcopy(model.dropout)
-        self.head = copy.deepcopy(model.heads["ai"])
-        self.other_heads = None
-        if train_last_block:
-            self.other_heads = nn.ModuleDict({k: copy.deepcopy(h) for k, h in model.heads.items() if k != "ai"})
-            self.other_heads.requires_grad_(False)
-
-    def embed(self, cached: torch.Tensor) -> torch.Tensor:
-        if self.layer4 is None:
-            return cached
-        return torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, n_mels/16, T/16)
-
-    def forward(self, cached: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.embed(cached)))  # (B, 2)
-
-
 def loss_weights(labels: np.ndarray, is_new: np.ndarray, new_share: float) -> torch.Tensor:
     """Per-segment loss weights, mean 1: each class half of the total; within the AI class the new
     samples carry `new_share` (all of it when there is no earlier AI, none when there are no new ones)."""
@@ -138,38 +130,157 @@ def loss_weights(labels: np.ndarray, is_new: np.ndarray, new_share: float) -> to
     return torch.from_numpy(w * len(w) / w.sum()).float()
 
 
-@torch.no_grad()
-def teacher_outputs(model: Detector, cached: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Production's log-probabilities of the language and speakers heads on cached layer3 outputs."""
-    model = model.to(device).eval()
-    parts = []
-    for i in range(0, len(cached), 64):
-        emb = model.trunk.from_layer3(cached[i:i + 64].to(device))
-        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items() if k != "ai"})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def speaker_parts(clips: list[Clip], fractions: tuple[float, ...], seed: int) -> list[list[Clip]]:
+    """Speaker-disjoint parts of one class (placeholder speakers count per file): the first part takes
+    what the others (`fractions` of the speaker groups each, at least one group when there are enough)
+    leave. With too few groups, an empty part gets the first part's clips."""
+    groups = sorted({group_key(c, "speaker") for c in clips})
+    np.random.default_rng(seed).shuffle(groups)
+    sizes = [int(round(len(groups) * f)) if len(groups) > len(fractions) else 0 for f in fractions]
+    sizes = [max(s, 1) if len(groups) > len(fractions) else 0 for s in sizes]
+    owner, i = {}, 0
+    for part, size in enumerate(sizes, start=1):
+        for g in groups[i:i + size]:
+            owner[g] = part
+        i += size
+    parts = [[c for c in clips if owner.get(group_key(c, "speaker"), 0) == p] for p in range(len(fractions) + 1)]
+    return [p if p else parts[0] for p in parts]
 
 
+# ------------------------------------------------------------------------------------------ data
+
+@dataclass
+class Data:
+    """Everything a recipe trains on, and what the gates' estimates need."""
+
+    seg: Segments
+    is_new: np.ndarray                  # (N,) copies of a new file
+    generators: dict[str, str]          # new file sha256 -> generator
+    new_clips: dict[str, np.ndarray]    # new file sha256 -> whole clip (for leave-one-file-out scoring)
+    calibration: list                   # LoadedClip of the calibration humans (never trained or stopped on)
+    counts: dict
+
+
+def prepare(params: Params) -> Data:
+    cfg = params.finetune
+    rng = np.random.default_rng(cfg.seed)
+    store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
+    new, generators = load_new_copies(augmented, cfg.val_fraction)
+    humans, earlier_ai = replay_clips(store, set(generators))
+    h_train, h_stop, h_cal = speaker_parts(humans, (cfg.val_fraction, cfg.calibration_fraction), cfg.seed)
+    n_new = int((~new.is_val).sum())
+    n_h = max(cfg.replay_per_class, n_new)
+    n_ai_replay = max(cfg.replay_per_class - n_new, 0) if earlier_ai else 0
+    parts = [new, replay_segments(h_train, n_h, params, rng, False),
+             replay_segments(h_stop, max(int(n_h * cfg.val_fraction), 8), params, rng, True)]
+    if n_ai_replay:
+        a_train, a_stop = speaker_parts(earlier_ai, (cfg.val_fraction,), cfg.seed)
+        parts += [replay_segments(a_train, n_ai_replay, params, rng, False),
+                  replay_segments(a_stop, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng, True)]
+    seg = concat(parts)
+    rows = {c.sha256: c for c in read_corpus(store)}
+    new_clips = {f: load_audio(rows[f].path, params.audio) for f in sorted(generators)}
+    counts = {"new_copies": n_new, "new_files": len(generators), "human_replay": n_h, "ai_replay": n_ai_replay,
+              "early_stopping": int(seg.is_val.sum()), "calibration_humans": len(h_cal),
+              "calibration_sources": len({c.source for c in h_cal})}
+    log.info("fine-tuning on %d segments (%d new-sample copies of %d files, %d human, %d earlier AI replay); "
+             "%d humans for calibration", int((~seg.is_val).sum()), n_new, len(generators), n_h, n_ai_replay, len(h_cal))
+    return Data(seg, np.isin(seg.files, list(generators)), generators, new_clips, load_clips(h_cal, params), counts)
+
+
+def replay_clips(store: Path, new_files: set[str]) -> tuple[list[Clip], list[Clip]]:
+    """Train-split human and earlier-AI clips of the store (new samples excluded)."""
+    clips = [c for c in read_corpus(store) if c.split != "test" and c.sha256 not in new_files]
+    humans = [c for c in clips if c.label != AI_LABEL]
+    if not humans:
+        raise CorpusError(f"{store}: no human speech in the store's train split: fine-tuning without human "
+                          "replay is refused (it would flag every human as AI); ingest human speech first")
+    return humans, [c for c in clips if c.label == AI_LABEL]
+
+
+# ------------------------------------------------------------------------------ cached trunk outputs
+
 @torch.no_grad()
-def cache_inputs(model: Detector, waves: np.ndarray, params: Params, train_last_block: bool, device, seed: int) -> torch.Tensor:
-    """Frozen-trunk outputs per segment (embedding, or layer3 output), with the spectrogram part of the recipe."""
-    logmel = LogMel(params.audio, params.features).to(device)
+def cache_inputs(model: Detector, waves: np.ndarray, params: Params, upto: str, device, seed: int) -> torch.Tensor:
+    """Per segment, with the spectrogram part of the recipe: the front end's output (upto="input"),
+    layer3's (upto="layer3") or the trunk embedding (upto="embedding"), through production's frozen layers."""
+    front_end = FrontEnd(params.audio, model.meta.feature_config()).to(device)  # production's own front end
     rng = np.random.default_rng(seed)
     model = model.to(device).eval()
-    frozen = model.trunk.to_layer3 if train_last_block else model.trunk
+    frozen = {"input": lambda x: x, "layer3": model.trunk.to_layer3, "embedding": model.trunk}[upto]
     out = []
     for i in range(0, len(waves), 64):
-        x = augment_spec(logmel(torch.from_numpy(waves[i:i + 64]).to(device)), params.augment, rng)  # (B, 1, n_mels, T)
+        x = augment_spec(front_end(torch.from_numpy(waves[i:i + 64]).to(device)), params.augment, rng)  # (B, 1, bins, T)
         out.append(frozen(x).cpu())
     return torch.cat(out)
 
 
-def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, is_new: np.ndarray, train_mask: np.ndarray,
-                  val_mask: np.ndarray, params: Params, device) -> tuple[Adapter, list[dict]]:
-    """Adam on the trainable part with the weighted loss (plus distillation when layer4 trains);
+@torch.no_grad()
+def teacher_outputs(model: Detector, x: torch.Tensor, device, upto: str = "layer3") -> dict[str, torch.Tensor]:
+    """Production's log-probabilities of the language and speakers heads on cached inputs (layer3 outputs,
+    or front-end outputs with upto="input")."""
+    model = model.to(device).eval()
+    parts = []
+    for i in range(0, len(x), 64):
+        xb = x[i:i + 64].to(device)
+        emb = model.trunk.from_layer3(xb) if upto == "layer3" else model.trunk(xb)
+        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items() if k != "ai"})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+class Adapter(nn.Module):
+    """The trainable part of the gradient recipes, on cached inputs: the ai head (recipe head), layer4 +
+    the ai head (last_block), or the stem and layer1 in front of production's frozen rest (input_layers).
+    Frozen copies of the other heads give the distillation loss."""
+
+    def __init__(self, model: Detector, recipe: str) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.layer4 = copy.deepcopy(model.trunk.layer4) if recipe == "last_block" else None
+        self.trunk = copy.deepcopy(model.trunk) if recipe == "input_layers" else None
+        if self.trunk is not None:
+            self.trunk.requires_grad_(False)
+            for part in (self.trunk.conv1, self.trunk.bn1, self.trunk.layer1):
+                part.requires_grad_(True)
+        self.dropout = copy.deepcopy(model.dropout)
+        self.head = copy.deepcopy(model.heads["ai"])
+        self.head.requires_grad_(recipe != "input_layers")
+        self.other_heads = None
+        if recipe in ("last_block", "input_layers"):
+            self.other_heads = nn.ModuleDict({k: copy.deepcopy(h) for k, h in model.heads.items() if k != "ai"})
+            self.other_heads.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Adapter":
+        super().train(mode)
+        if self.trunk is not None:
+            self.trunk.eval()   # batch-norm statistics stay production's
+        return self
+
+    def embed(self, cached: torch.Tensor) -> torch.Tensor:
+        if self.trunk is not None:
+            return self.trunk(cached)  # cached: (B, 1, bins, T) front-end output
+        if self.layer4 is None:
+            return cached
+        return torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, bins/16, T/16)
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(cached)))  # (B, 2)
+
+
+CACHE_FOR = {"head": "embedding", "last_block": "layer3", "input_layers": "input", "prototype": "embedding",
+             "ocsoftmax": "embedding"}
+
+
+def train_adapter(model: Detector, cached: torch.Tensor, data: Data, train_mask: np.ndarray, val_mask: np.ndarray,
+                  params: Params, device) -> tuple[Adapter, list[dict]]:
+    """Adam on the trainable part with the weighted loss (plus distillation when the trunk trains);
     best epoch by validation EER, then validation loss."""
     cfg = params.finetune
     torch.manual_seed(cfg.seed)
-    adapter = Adapter(model, cfg.train_last_block).to(device)
+    seg, is_new = data.seg, data.is_new
+    adapter = Adapter(model, cfg.recipe).to(device)
     opt = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=cfg.lr)
     y = torch.from_numpy(seg.labels).long()
     x_tr, y_tr = cached[train_mask], y[train_mask]
@@ -177,7 +288,9 @@ def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, is_new: 
     check_labels(set(y_tr.tolist()), "the fine-tuning set")
     w_tr = loss_weights(seg.labels[train_mask], is_new[train_mask], cfg.new_share)
     w_va = loss_weights(seg.labels[val_mask], is_new[val_mask], cfg.new_share).to(device)
-    teacher = teacher_outputs(model, x_tr, device) if adapter.other_heads is not None and cfg.distill_weight else None
+    teacher = None
+    if adapter.other_heads is not None and cfg.distill_weight:
+        teacher = teacher_outputs(model, x_tr, device, "input" if cfg.recipe == "input_layers" else "layer3")
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_key, history, stale = None, (float("inf"), float("inf")), [], 0
     for epoch in range(1, cfg.epochs + 1):
@@ -197,7 +310,7 @@ def train_adapter(model: Detector, cached: torch.Tensor, seg: Segments, is_new: 
             opt.step()
         adapter.eval()
         with torch.no_grad():
-            logits = torch.cat([adapter(x_va[i:i + 256]) for i in range(0, len(x_va), 256)])
+            logits = torch.cat([adapter(x_va[i:i + 128]) for i in range(0, len(x_va), 128)])
             val_loss = ((F.cross_entropy(logits, y_va, reduction="none") * w_va).sum() / w_va.sum()).item()
             scores = logits.softmax(-1)[:, AI_LABEL].cpu().numpy()
         eer = compute_eer(scores, y_va.cpu().numpy())[0] if len(set(y_va.tolist())) == 2 else float("nan")
@@ -219,93 +332,121 @@ def merge(model: Detector, adapter: Adapter) -> Detector:
     merged.heads["ai"].load_state_dict(adapter.head.state_dict())
     if adapter.layer4 is not None:
         merged.trunk.layer4.load_state_dict(adapter.layer4.state_dict())
+    if adapter.trunk is not None:
+        for name in ("conv1", "bn1", "layer1"):
+            getattr(merged.trunk, name).load_state_dict(getattr(adapter.trunk, name).state_dict())
     return merged.eval()
 
 
-def replay_clips(store: Path, new_files: set[str]) -> tuple[list[Clip], list[Clip]]:
-    """Train-split human and earlier-AI clips of the store (new samples excluded)."""
-    clips = [c for c in read_corpus(store) if c.split != "test" and c.sha256 not in new_files]
-    humans = [c for c in clips if c.label != AI_LABEL]
-    if not humans:
-        raise CorpusError(f"{store}: no human speech in the store's train split: fine-tuning without human "
-                          "replay is refused (it would flag every human as AI); ingest human speech first")
-    return humans, [c for c in clips if c.label == AI_LABEL]
+def _logistic(evidence: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(scale, bias) of a class-balanced logistic fit of labels on one evidence value."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(class_weight="balanced", C=10.0).fit(evidence[:, None], labels)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def cosine_candidate(model: Detector, emb: torch.Tensor, data: Data, train_mask: np.ndarray, params: Params) -> Detector:
+    """Production plus a cosine head: prototypes of the new generators (recipe prototype) or a learned
+    human direction (recipe ocsoftmax), its scale and bias fitted on the training embeddings."""
+    recipe, seg = params.finetune.recipe, data.seg
+    human = train_mask & (seg.labels != AI_LABEL)
+    new = train_mask & data.is_new
+    e = F.normalize(emb, dim=-1)
+    gens = sorted({data.generators[f] for f in np.unique(seg.files[new])})
+    old = model.cosine
+    keep = [] if old is None else [(g, p) for g, p in zip(model.meta.cosine_head.get("generators", []), old.prototypes)
+                                   if g not in gens]
+    if recipe == "prototype":
+        protos = [p for _, p in keep] + [F.normalize(e[torch.from_numpy(new & np.isin(seg.files, [f for f, g in
+                  data.generators.items() if g == gen]))].mean(0), dim=0) for gen in gens]
+        centre = F.normalize(e[torch.from_numpy(human)].mean(0), dim=0)
+        names = [g for g, _ in keep] + gens
+    else:
+        protos, names = [], []
+        centre = _oc_direction(e[torch.from_numpy(train_mask)], seg.labels[train_mask], params.finetune.seed)
+    head = CosineHead(emb.shape[1], len(protos))
+    head.prototypes.copy_(torch.stack(protos) if protos else head.prototypes)
+    head.human.copy_(centre)
+    fit = train_mask & (human | data.is_new if recipe == "prototype" else train_mask)
+    with torch.no_grad():
+        evidence = head.evidence(emb[torch.from_numpy(fit)]).numpy()
+    scale, bias = _logistic(evidence, (seg.labels[fit] == AI_LABEL).astype(int))
+    head.scale.fill_(scale)
+    head.bias.fill_(bias)
+    meta = dataclasses.replace(model.meta, cosine_head={"kind": recipe, "generators": names, "n_prototypes": len(protos)})
+    candidate = Detector(meta)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("cosine.")}
+    candidate.load_state_dict(state | {f"cosine.{k}": v for k, v in head.state_dict().items()})
+    return candidate.eval()
+
+
+def _oc_direction(e: torch.Tensor, labels: np.ndarray, seed: int, steps: int = 300) -> torch.Tensor:
+    """The human direction w of the one-class softmax loss on normalised embeddings: humans' cosine to w
+    pushed above 0.9, AI's below 0.2."""
+    torch.manual_seed(seed)
+    y = torch.from_numpy(labels != AI_LABEL)
+    w = torch.nn.Parameter(F.normalize(e[y].mean(0), dim=0).clone())
+    opt = torch.optim.Adam([w], lr=0.01)
+    weight = torch.where(y, 0.5 / y.sum(), 0.5 / (~y).sum())
+    for _ in range(steps):
+        cos = e @ F.normalize(w, dim=0)
+        margin = torch.where(y, OC_MARGINS[0] - cos, cos - OC_MARGINS[1])
+        loss = (F.softplus(OC_ALPHA * margin) * weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return F.normalize(w.detach(), dim=0)
+
+
+def fit_candidate(model: Detector, cached: torch.Tensor, data: Data, train_mask: np.ndarray, val_mask: np.ndarray,
+                  params: Params, device) -> tuple[Detector, list[dict]]:
+    """One candidate by the configured recipe, from the segments in train_mask (early stopping on val_mask)."""
+    if params.finetune.recipe in ("prototype", "ocsoftmax"):
+        return cosine_candidate(model, cached, data, train_mask, params), []
+    adapter, history = train_adapter(model, cached, data, train_mask, val_mask, params, device)
+    return merge(model, adapter), history
+
+
+def calibrated(candidate: Detector, data: Data, params: Params, device) -> dict:
+    """The candidate's threshold on the calibration humans (whole clips, scored like production traffic)."""
+    scores = [s.ai_score for s in score_model(candidate, [it.wave for it in data.calibration], params, str(device))]
+    return calibrate(scores, params.calibration, {it.clip.source for it in data.calibration})
 
 
 def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     """Train a candidate from the production model; return it and the report."""
     cfg = params.finetune
     device = pick_device(cfg.device)
-    rng = np.random.default_rng(cfg.seed)
-    store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
-    new, generators = load_new_copies(augmented, cfg.val_fraction)
-    humans, earlier_ai = replay_clips(store, set(generators))
-    h_train, h_val = _speaker_halves(humans, cfg.val_fraction, cfg.seed)
-    n_h = max(cfg.replay_per_class, int((~new.is_val).sum()))
-    n_ai_replay = max(cfg.replay_per_class - int((~new.is_val).sum()), 0) if earlier_ai else 0
-    n_val = max(int(n_h * cfg.val_fraction), 8)
-    parts = [new, replay_segments(h_train, n_h, params, rng, False), replay_segments(h_val, n_val, params, rng, True)]
-    if n_ai_replay:
-        a_train, a_val = _speaker_halves(earlier_ai, cfg.val_fraction, cfg.seed)
-        parts += [replay_segments(a_train, n_ai_replay, params, rng, False),
-                  replay_segments(a_val or a_train, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng, True)]
-    seg = concat(parts)
-    log.info("fine-tuning on %d segments (%d new-sample copies, %d human, %d earlier AI replay)",
-             int((~seg.is_val).sum()), int((~new.is_val).sum()), n_h, n_ai_replay)
-    cached = cache_inputs(model, seg.waves, params, cfg.train_last_block, device, cfg.seed)
-    is_new = np.isin(seg.files, list(generators))
-    adapter, history = train_adapter(model, cached, seg, is_new, ~seg.is_val, seg.is_val, params, device)
-    candidate = merge(model, adapter)
-    lofo = _leave_one_file_out(model, cached, seg, is_new, generators, params, device)
-
-    # calibrate on held-out humans' whole clips, scored like production traffic
-    scorer = Scorer(candidate, params.audio, params.features, str(device))
-    cal_waves = [it.wave for it in load_clips(h_val, params)]
-    cal_scores = [s.ai_score for s in score_arrays(scorer, cal_waves, params.audio, params.detect)]
-    threshold = threshold_at_fpr(cal_scores, cfg.target_fpr)
-    candidate.to("cpu")
+    data = prepare(params)
+    seg = data.seg
+    cached = cache_inputs(model, seg.waves, params, CACHE_FOR[cfg.recipe], device, cfg.seed)
+    candidate, history = fit_candidate(model, cached, data, ~seg.is_val, seg.is_val, params, device)
+    calibration = calibrated(candidate, data, params, device)
+    candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"])
+    lofo = leave_one_file_out(model, cached, data, params, device)
     report = {
-        "segments": {"new_copies": int((~new.is_val).sum()), "human_replay": n_h, "ai_replay": n_ai_replay,
-                     "validation": int(seg.is_val.sum())},
-        "new_generators": sorted(set(generators.values())), "history": history,
-        "best_epoch": min(history, key=lambda h: (h["val_eer"] if h["val_eer"] == h["val_eer"] else 0.0, h["val_loss"]))["epoch"],
-        "calibration": {"target_fpr": cfg.target_fpr, "threshold": threshold, "n_human_clips": len(cal_scores)},
-        "lofo": lofo, "trained": "ai head + layer4" if cfg.train_last_block else "ai head",
+        "recipe": cfg.recipe, "trained": TRAINED[cfg.recipe], "segments": data.counts,
+        "new_generators": sorted(set(data.generators.values())), "history": history,
+        "best_epoch": min(history, key=lambda h: (h["val_eer"] if h["val_eer"] == h["val_eer"] else 0.0,
+                                                  h["val_loss"]))["epoch"] if history else None,
+        "calibration": calibration, "lofo": lofo,
     }
-    return candidate, report
+    return candidate.cpu().eval(), report
 
 
-def _speaker_halves(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
-    """Speaker-disjoint (train, validation) parts of one class; validation may be empty for one speaker."""
-    key = lambda c: c.speaker if c.speaker != UNKNOWN else str(c.path)
-    groups = sorted({key(c) for c in clips})
-    rng = np.random.default_rng(seed)
-    rng.shuffle(groups)
-    n_val = int(round(len(groups) * val_fraction)) if len(groups) > 1 else 0
-    val_groups = set(groups[:n_val])
-    train = [c for c in clips if key(c) not in val_groups]
-    val = [c for c in clips if key(c) in val_groups]
-    return (train, val) if val else (clips, clips)
-
-
-def _leave_one_file_out(model, cached, seg: Segments, is_new: np.ndarray, generators: dict[str, str], params: Params, device) -> dict:
-    """Recall on the new generator from clips the head did not train on."""
-    files = sorted(generators)
-    store = Path(params.ingest.store)
-    rows = {c.sha256: c for c in read_corpus(store)}
+def leave_one_file_out(model: Detector, cached: torch.Tensor, data: Data, params: Params, device) -> dict:
+    """For each new file f: a candidate made without f's copies (in training and early stopping) scores f
+    at its own threshold, calibrated on the calibration humans."""
+    files = sorted(data.generators)
     if len(files) < 2:
-        # one file: score its held-out augmented copies with the head trained on the others
-        adapter, _ = train_adapter(model, cached, seg, is_new, ~seg.is_val, seg.is_val, params, device)
-        mask = torch.from_numpy(seg.is_val & (seg.files == files[0]))
-        with torch.no_grad():
-            scores = adapter(cached[mask].to(device)).softmax(-1)[:, AI_LABEL].cpu().numpy()
-        return {"method": "held-out augmented copies (only one new file)", "scores": {files[0]: float(scores.mean())}}
-    scores = {}
+        return {"method": "none: one new file leaves nothing to hold out", "files": {}}
+    seg = data.seg
+    out = {}
     for f in files:
         keep = seg.files != f
-        adapter, _ = train_adapter(model, cached, seg, is_new, ~seg.is_val & keep, seg.is_val & keep, params, device)
-        held_out = merge(model, adapter)
-        scorer = Scorer(held_out, params.audio, params.features, str(device))
-        wave = load_audio(rows[f].path, params.audio)
-        scores[f] = score_arrays(scorer, [wave], params.audio, params.detect)[0].ai_score
-    return {"method": "leave-one-file-out", "scores": scores}
+        held_out, _ = fit_candidate(model, cached, data, ~seg.is_val & keep, seg.is_val & keep, params, device)
+        cal = calibrated(held_out, data, params, device)
+        score = score_model(held_out, [data.new_clips[f]], params, str(device))[0].ai_score
+        out[f] = {"score": score, "threshold": cal["threshold"], "caught": bool(score >= cal["threshold"])}
+    return {"method": "leave-one-file-out", "files": out}

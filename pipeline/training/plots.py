@@ -63,3 +63,34 @@ def _confusion(ax, labels: np.ndarray, called_ai: np.ndarray, title: str) -> Non
         ax.text(j, i, str(n), ha="center", va="center")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["human", "AI"], yticklabels=["human", "AI"],
            xlabel="called", ylabel="true", title=title)
+
+
+def write_lso_plots(result: dict, out: Path) -> list[Path]:
+    """Leave-sources-out pictures: pooled DET curve per seed, and per held-out source the human FPR /
+    AI recall at the fold model's calibrated threshold (first seed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for seed in result["per_seed"]:
+        rows = seed["scores"]
+        fpr, tpr, _ = roc_points([r["ai_score"] for r in rows], [int(r["label"] == "ai") for r in rows])
+        ax.plot(np.clip(fpr, 1e-3, 1), np.clip(1 - tpr, 1e-3, 1), label=f"seed {seed['seed']}: EER {seed['pooled_eer']:.3f}")
+    ax.plot([1e-3, 1], [1e-3, 1], color="grey", linewidth=0.5)
+    ax.set(xscale="log", yscale="log", xlabel="false-positive rate (human)", ylabel="false-negative rate (AI)",
+           title="leave-sources-out, pooled")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "det.png", dpi=90)
+    plt.close(fig)
+    rows = result["per_seed"][0]["per_source"]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(rows))))
+    names = [r["source"] for r in rows]
+    ax.barh(names, [r["fpr"] if r["n_human"] else 0 for r in rows], color="tab:blue", label="human FPR")
+    ax.barh(names, [-(r["recall"]) if r["n_ai"] else 0 for r in rows], color="tab:red", label="AI recall (left)")
+    ax.axvline(0, color="k", linewidth=0.5)
+    ax.set(xlim=(-1, 1), title="held-out sources at the calibrated threshold")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "per_source.png", dpi=90)
+    plt.close(fig)
+    return [out / "det.png", out / "per_source.png"]

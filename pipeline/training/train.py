@@ -1,9 +1,16 @@
 """Base training (bootstrap): trunk and all three heads from scratch on a labelled corpus.
 
-Batches are class-balanced and source-balanced (half human, half AI; within a class each source is
-equally likely), built from random 3 s crops with channel augmentation and a share of synthesized
-two-talker mixtures for the `speakers` head. The checkpoint kept is the one with the best
-validation EER on a speaker- and file-disjoint split.
+What keeps the model off the recording chain (docs/architecture.md, "A base that generalises"):
+- validation holds out whole sources (`train.split_by`), so the checkpoint is chosen for recording
+  chains it has never heard, and the threshold is calibrated on those sources' humans;
+- half of every batch's human/AI pairs (`train.twin_fraction`) are a human clip and its vocoded twin
+  (pipeline.synthesis), cropped at the same place and put through the same channel augmentation: the
+  pair differs only in how the waveform was made;
+- the other pairs draw a human and an AI clip, each class balanced over its sources;
+- crops stay inside each clip's voiced region (`train.trim_silence_db`), so leading and trailing
+  silence cannot be a cue; the augmentation (codecs, band limits, low-pass, RawBoost, gain, noise)
+  is drawn from one distribution for both labels;
+- a share of two-talker mixtures (human/AI pairs only) teaches the `speakers` head.
 """
 from __future__ import annotations
 
@@ -12,7 +19,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,81 +26,106 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.core.audio import AudioError, load_audio
-from pipeline.core.augment import augment_spec, augment_wave
 from pipeline.config import Params, params_hash
-from pipeline.core.data import UNKNOWN, Clip, check_two_classes, data_hash, read_corpus, split_by_speaker
-from pipeline.training.evaluate import evaluate
-from pipeline.core.features import LogMel, random_crop
+from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
+from pipeline.core.data import (LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
+                                read_corpus, source_groups, split_groups)
+from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
-from pipeline.core.scoring import Scorer, pick_device, score_arrays
+from pipeline.core.scoring import pick_device, score_model
+from pipeline.synthesis.twins import with_twins
+from pipeline.training.calibration import calibrate
+from pipeline.training.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoadedClip:
-    clip: Clip
-    wave: np.ndarray  # mono float32 at the model's rate
-
-
-def load_clips(clips: list[Clip], params: Params) -> list[LoadedClip]:
-    """Decode every clip; a bad file is reported in one line and left out, the rest go on."""
-    loaded = []
-    for c in tqdm(clips, desc="decode", unit="clip", disable=None, leave=False):
-        try:
-            loaded.append(LoadedClip(c, load_audio(c.path, params.audio)))
-        except AudioError as err:
-            log.warning("skipped %s", err)
-    return loaded
-
-
 class BalancedSampler:
-    """Draws clips with equal weight per class, then per source within the class."""
+    """Draws clips with equal weight per class, then per source within the class; and (human, twin)
+    pairs, equal weight per source among the humans that have twins."""
 
     def __init__(self, items: list[LoadedClip], rng: np.random.Generator) -> None:
         self.rng = rng
-        self.by_label: dict[int, dict[str, list[LoadedClip]]] = defaultdict(lambda: defaultdict(list))
-        for it in items:
-            self.by_label[it.clip.label][it.clip.source].append(it)
+        real = [it for it in items if not it.clip.twin_of]
         check_two_classes([it.clip for it in items], "the training split")
+        self.by_label: dict[int, dict[str, list[LoadedClip]]] = defaultdict(lambda: defaultdict(list))
+        for it in real:
+            self.by_label[it.clip.label][it.clip.source].append(it)
+        twins: dict[str, list[LoadedClip]] = defaultdict(list)
+        for it in items:
+            if it.clip.twin_of:
+                twins[it.clip.twin_of].append(it)
+        if 1 not in self.by_label:   # no real AI speech: twins stand in for it
+            for group in twins.values():
+                for it in group:
+                    self.by_label[1][it.clip.source].append(it)
+        self.twins = {it.clip.sha256: twins[it.clip.sha256] for it in real if twins.get(it.clip.sha256)}
+        self.twinned: dict[str, list[LoadedClip]] = defaultdict(list)
+        for it in real:
+            if it.clip.sha256 in self.twins:
+                self.twinned[it.clip.source].append(it)
+
+    def _pick(self, pools: dict[str, list[LoadedClip]]) -> LoadedClip:
+        src = sorted(pools)[int(self.rng.integers(len(pools)))]
+        return pools[src][int(self.rng.integers(len(pools[src])))]
 
     def draw(self, label: int) -> LoadedClip:
-        sources = self.by_label[label]
-        src = sorted(sources)[int(self.rng.integers(len(sources)))]
-        return sources[src][int(self.rng.integers(len(sources[src])))]
+        return self._pick(self.by_label[label])
+
+    def draw_pair(self) -> tuple[LoadedClip, LoadedClip]:
+        human = self._pick(self.twinned)
+        twins = self.twins[human.clip.sha256]
+        return human, twins[int(self.rng.integers(len(twins)))]
 
     def partner(self, first: LoadedClip) -> LoadedClip | None:
         """Another clip of the same class by a different talker, for a two-talker mixture."""
         for _ in range(8):
             other = self.draw(first.clip.label)
             same = other.clip.path == first.clip.path or (
-                first.clip.speaker != UNKNOWN and other.clip.speaker == first.clip.speaker)
+                not is_placeholder_speaker(first.clip.speaker) and other.clip.speaker == first.clip.speaker)
             if not same:
                 return other
         return None
 
 
+def voiced_crop(item: LoadedClip, seg: int, rng: np.random.Generator, region: tuple[int, int] | None = None,
+                start: int | None = None) -> tuple[np.ndarray, int]:
+    """A seg-sample crop inside the clip's voiced region (or `region`), at `start` when given; returns it and
+    the start, so a twin can be cropped at the same place."""
+    lo, hi = region or item.voiced
+    voiced = item.wave[lo:hi]
+    start = draw_start(len(voiced), seg, rng) if start is None else min(start, max(len(voiced) - 1, 0))
+    return crop_at(voiced, start, seg), start
+
+
 def make_batch(sampler: BalancedSampler, params: Params, languages: list[str], rng: np.random.Generator):
     """(waves (B, seg), ai labels, language labels (-100 = unknown), speakers labels)."""
-    seg, sr = params.audio.segment_samples, params.audio.sample_rate
-    waves, ai, lang, spk = [], [], [], []
-    for i in range(params.train.batch_size):
-        item = sampler.draw(i % 2)
-        x = random_crop(item.wave, seg, rng)
-        several = item.clip.n_speakers > 1
-        if rng.random() < params.train.mixture_fraction and (other := sampler.partner(item)) is not None:
-            y = random_crop(other.wave, seg, rng)
-            gain = 10 ** (rng.uniform(-6, 6) / 20) * (np.std(x) + 1e-8) / (np.std(y) + 1e-8)
-            x, several = x + gain * y, True
-        x = augment_wave(x, sr, params.train.augment, rng)
-        waves.append(x.astype(np.float32))
-        ai.append(item.clip.label)
-        lang.append(languages.index(item.clip.language) if item.clip.language in languages else -100)
-        spk.append(int(several))
+    cfg, seg, sr = params.train, params.audio.segment_samples, params.audio.sample_rate
+    rows: list[tuple[np.ndarray, LoadedClip, bool]] = []
+    for _ in range(max(cfg.batch_size // 2, 1)):
+        if sampler.twins and rng.random() < cfg.twin_fraction:
+            human, twin = sampler.draw_pair()
+            x, start = voiced_crop(human, seg, rng)
+            y, _ = voiced_crop(twin, seg, rng, region=human.voiced, start=start)   # same words, same place
+            channel = draw_wave_params(cfg.augment, rng)                         # same channel for both
+            rows += [(apply_wave(x, sr, channel), human, False), (apply_wave(y, sr, channel), twin, False)]
+            continue
+        for label in (0, 1):
+            item = sampler.draw(label)
+            x, _ = voiced_crop(item, seg, rng)
+            several = item.clip.n_speakers > 1
+            if rng.random() < cfg.mixture_fraction and (other := sampler.partner(item)) is not None:
+                y, _ = voiced_crop(other, seg, rng)
+                gain = 10 ** (rng.uniform(-6, 6) / 20) * (np.std(x) + 1e-8) / (np.std(y) + 1e-8)
+                x, several = x + gain * y, True
+            rows.append((augment_wave(x, sr, cfg.augment, rng), item, several))
+    waves = np.stack([w.astype(np.float32) for w, _, _ in rows])
+    ai = [it.clip.label for _, it, _ in rows]
+    lang = [languages.index(it.clip.language) if it.clip.language in languages else -100 for _, it, _ in rows]
+    spk = [int(several or it.clip.n_speakers > 1) for _, it, several in rows]
     t = torch.tensor
-    return torch.from_numpy(np.stack(waves)), t(ai), t(lang), t(spk)
+    return torch.from_numpy(waves), t(ai), t(lang), t(spk)
 
 
 def multitask_loss(out: dict[str, torch.Tensor], ai, lang, spk) -> torch.Tensor:
@@ -105,8 +136,7 @@ def multitask_loss(out: dict[str, torch.Tensor], ai, lang, spk) -> torch.Tensor:
 
 
 def validation_scores(model: Detector, items: list[LoadedClip], params: Params, device: str) -> list[float]:
-    scorer = Scorer(model, params.audio, params.features, device)
-    scores = [s.ai_score for s in score_arrays(scorer, (it.wave for it in items), params.audio, params.detect)]
+    scores = [s.ai_score for s in score_model(model, [it.wave for it in items], params, device)]
     model.train()
     return scores
 
@@ -119,24 +149,26 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     device = pick_device(cfg.device)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    languages = sorted({it.clip.language for it in train} - {UNKNOWN}) or [UNKNOWN]
+    languages = sorted({it.clip.language for it in train} - {"unknown"}) or ["unknown"]
     model = new_model(languages, params.audio, params.features, params.model.base_width, params.model.dropout).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    logmel = LogMel(params.audio, params.features).to(device)
+        params = params.model_copy(update={"train": cfg.model_copy(update={"batch_size": cfg.gpu_batch_size})})
+    front_end = FrontEnd(params.audio, params.features).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
     sampler = BalancedSampler(train, rng)
     val_labels = [it.clip.label for it in val]
     use_amp = cfg.amp and device.type == "cuda"
     best, best_eer, history, stale = None, float("inf"), [], 0
+    started = time.monotonic()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=None, leave=False)
         for _ in bar:
             waves, ai, lang, spk = (t.to(device) for t in make_batch(sampler, params, languages, rng))
-            feats = augment_spec(logmel(waves), params.train.augment, rng)  # (B, 1, n_mels, T)
+            feats = augment_spec(front_end(waves), cfg.augment, rng)  # (B, 1, bins, T)
             if device.type == "cuda":
                 feats = feats.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -148,7 +180,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
+                        "wall_s": round(time.monotonic() - started, 1)})
         log.info("epoch %d: train loss %.4f, validation EER %.4f", epoch, np.mean(losses), eer)
         if eer < best_eer:
             best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
@@ -161,31 +194,57 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     return model.to("cpu").eval(), history
 
 
-def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None, report: str | Path | None = None) -> dict:
-    """Train a base model on a corpus folder; save the checkpoint and a JSON report; return the report."""
+def training_clips(corpus: str | Path, params: Params, twins: str | Path | None = None) -> list:
+    """The corpus's clips outside its test split, plus the vocoded twins of its humans (train.twins, or
+    `twins`), if that folder exists."""
+    clips = [c for c in read_corpus(corpus) if c.split != "test"]   # a store's test split is never trained on
+    clips = with_twins(clips, params.train.twins if twins is None else twins)
+    check_two_classes([c for c in clips if not c.twin_of], f"corpus {corpus}")
+    return clips
+
+
+def split_for_training(clips: list, params: Params) -> tuple[list, list]:
+    """(train, validation) by `train.split_by`; validation keeps real clips only (twins are training
+    data), unless that would leave it without AI speech."""
+    cfg = params.train
+    train, val = split_groups(clips, cfg.val_fraction, cfg.seed, cfg.split_by, source_groups(cfg.linked_sources))
+    real = [c for c in val if not c.twin_of]
+    return train, (real if {c.label for c in real} == {0, 1} else val)
+
+
+def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None, report: str | Path | None = None,
+              twins: str | Path | None = None) -> dict:
+    """Train a base model on a corpus folder, calibrate its threshold on the validation humans, save the
+    checkpoint and a JSON report; return the report."""
     out, report = Path(out or params.train.out), Path(report or params.train.report)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose another --out (models are never overwritten)")
     started = time.time()
-    clips = [c for c in read_corpus(corpus) if c.split != "test"]   # a store's test split is never trained on
-    check_two_classes(clips, f"corpus {corpus}")
-    train_clips, val_clips = split_by_speaker(clips, params.train.val_fraction, params.train.seed)
+    clips = training_clips(corpus, params, twins)
+    train_clips, val_clips = split_for_training(clips, params)
     loaded = load_clips(train_clips + val_clips, params)
-    kept, in_train = {it.clip.path for it in loaded}, set(train_clips)
-    train = [it for it in loaded if it.clip in in_train]
-    val = [it for it in loaded if it.clip not in in_train]
+    in_val = {c.path for c in val_clips}
+    train = [it for it in loaded if it.clip.path not in in_val]
+    val = [it for it in loaded if it.clip.path in in_val]
     check_two_classes([it.clip for it in val], "the validation split")
-    log.info("training on %d clips, validating on %d (speaker-disjoint)", len(train), len(val))
+    n_twins = sum(1 for it in train if it.clip.twin_of)
+    log.info("training on %d clips (%d of them vocoded twins), validating on %d (split by %s)", len(train), n_twins,
+             len(val), params.train.split_by)
     model, history = train_model(train, val, params)
     scores = validation_scores(model, val, params, "cpu")
-    metrics = evaluate([it.clip for it in val], scores, model.meta.threshold)
+    calibration = calibrate([s for s, it in zip(scores, val) if it.clip.label == 0], params.calibration,
+                            {it.clip.source for it in val if it.clip.label == 0})
+    metrics = evaluate([it.clip for it in val], scores, calibration["threshold"])
     dhash = data_hash([it.clip for it in loaded])
-    save_checkpoint(model, out, data_hash=dhash, params_hash=params_hash(params),
-                    notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train)})
+    save_checkpoint(model, out, threshold=calibration["threshold"], data_hash=dhash, params_hash=params_hash(params),
+                    notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
+                           "twins": n_twins, "split_by": params.train.split_by, "calibration": calibration})
     result = {
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
-        "n_train": len(train), "n_val": len(val), "skipped": sorted(str(c.path) for c in clips if c.path not in kept),
-        "languages": list(model.meta.languages), "history": history, "validation": metrics,
+        "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": params.train.split_by,
+        "val_sources": sorted({it.clip.source for it in val}),
+        "skipped": sorted(str(c.path) for c in train_clips + val_clips if c.path not in {it.clip.path for it in loaded}),
+        "languages": list(model.meta.languages), "history": history, "calibration": calibration, "validation": metrics,
         "val_scores": [{"path": str(it.clip.path), "label": it.clip.label_name, "generator": it.clip.generator,
                         "source": it.clip.source, "ai_score": round(s, 6)} for it, s in zip(val, scores)],
         "wall_s": round(time.time() - started, 1),

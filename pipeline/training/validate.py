@@ -1,22 +1,30 @@
 """Validation: the candidate AND the production model on the same held-out data, and the gates.
 
-Held-out data: the store's `test` split (human speech never trained on, earlier AI generators)
-plus the new generator's files, which the candidate is scored on leave-one-file-out (from the
-fine-tuning report) and the production model directly.
+Held-out data: the store's `test` split (humans never trained on, earlier AI generators) and the new
+generator's files. The candidate is judged on the new files leave-one-file-out (each scored by a
+candidate made without it, at that candidate's own calibrated threshold: pipeline.training.finetune);
+production scores them directly. Every rate carries its count and 95 % Wilson interval.
+
+The verdict is `passed`, `failed`, or `insufficient evidence` (fewer new files or calibration humans
+than the gates need: it says what is missing). Beside the gates, both models are compared at the same
+human false-positive rates (1 %, 5 %, 10 % on the test humans), never at their own thresholds alone.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.config import GatesConfig, Params
-from pipeline.core.data import Clip, CorpusError, check_two_classes, read_corpus
-from pipeline.training.evaluate import evaluate
+from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips, read_corpus
+from pipeline.core.metrics import compute_eer, rate, threshold_at_fpr
 from pipeline.core.model import AI_LABEL, Detector
-from pipeline.core.scoring import Scorer, score_arrays
-from pipeline.training.train import load_clips
+from pipeline.core.scoring import score_model
+from pipeline.training.evaluate import evaluate
+
+PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
 
 
 def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], list[Clip]]:
@@ -30,11 +38,16 @@ def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], l
     return test, new
 
 
+def gate_data_key(test: list[Clip], new: list[Clip]) -> str:
+    """Identity of the data a verdict rests on: candidates judged on the same key are retries."""
+    ids = sorted(c.sha256 for c in test) + ["new"] + sorted(c.sha256 for c in new)
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def score_clips(model: Detector, clips: list[Clip], params: Params) -> tuple[list[Clip], list[float], list]:
     """Scores of the clips that decode (others are reported and left out); also language/speaker outputs."""
     loaded = load_clips(clips, params)
-    results = score_arrays(Scorer(model, params.audio, params.features, "cpu"), [it.wave for it in loaded],
-                           params.audio, params.detect)
+    results = score_model(model, [it.wave for it in loaded], params)
     return [it.clip for it in loaded], [r.ai_score for r in results], results
 
 
@@ -46,72 +59,117 @@ def head_accuracy(clips: list[Clip], results: list, languages: tuple[str, ...]) 
     return {"language": float(np.mean(lang)) if lang else 1.0, "speakers": float(np.mean(spk)) if spk else 1.0}
 
 
-def frozen_parts_unchanged(candidate: Detector, production: Detector, trunk_trained: bool) -> dict[str, bool]:
-    """Bit-identity of what fine-tuning must not touch."""
+def frozen_parts_unchanged(candidate: Detector, production: Detector, trained: str) -> dict[str, bool]:
+    """Bit-identity of what the recipe must not touch (`trained` as in the fine-tuning report)."""
     cand, prod = candidate.state_dict(), production.state_dict()
-    same = lambda prefix: all(torch.equal(cand[k], prod[k]) for k in prod if k.startswith(prefix))
-    checks = {"heads.language": same("heads.language"), "heads.speakers": same("heads.speakers")}
-    if trunk_trained:
-        checks["trunk (except layer4)"] = all(torch.equal(cand[k], prod[k]) for k in prod
-                                              if k.startswith("trunk.") and not k.startswith("trunk.layer4"))
+    same = lambda keep: all(torch.equal(cand[k], prod[k]) for k in prod if keep(k))
+    checks = {"heads.language": same(lambda k: k.startswith("heads.language")),
+              "heads.speakers": same(lambda k: k.startswith("heads.speakers"))}
+    if "layer4" in trained:
+        checks["trunk (except layer4)"] = same(lambda k: k.startswith("trunk.") and not k.startswith("trunk.layer4"))
+    elif "layer1" in trained:
+        checks["trunk (layer2..layer4)"] = same(lambda k: k.startswith(("trunk.layer2", "trunk.layer3", "trunk.layer4")))
     else:
-        checks["trunk"] = same("trunk.")
+        checks["trunk"] = same(lambda k: k.startswith("trunk."))
+    if "cosine" in trained:
+        checks["heads.ai"] = same(lambda k: k.startswith("heads.ai"))
     return checks
 
 
-def apply_gates(cand: dict, prod: dict, frozen: dict[str, bool], gates: GatesConfig) -> dict:
-    """Each gate's value, limit and pass/fail; the verdict passes only when all do.
-    cand/prod hold eer, fpr, new_recall and head_accuracy ({head: accuracy on held-out clips})."""
+def operating_points(humans: np.ndarray, new: np.ndarray, earlier_ai: np.ndarray, fprs: tuple[float, ...]) -> list[dict]:
+    """Recall on the new generator and on earlier AI at thresholds that let fpr of these humans through."""
+    rows = []
+    for fpr in fprs:
+        thr = threshold_at_fpr(humans, fpr)
+        rows.append({"human_fpr": fpr, "threshold": thr, "new_recall": float((new >= thr).mean()) if len(new) else None,
+                     "earlier_ai_recall": float((earlier_ai >= thr).mean()) if len(earlier_ai) else None})
+    return rows
+
+
+def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries: int, gates: GatesConfig) -> dict:
+    """Each gate's value, interval, limit and outcome; the verdict's status and reasons.
+    cand/prod hold eer, fpr and new_recall (rates with intervals) and head_accuracy."""
+    missing = []
+    if evidence["new_files"] < gates.min_new_files:
+        missing.append(f"{evidence['new_files']} new file(s) held out, need >= {gates.min_new_files} "
+                       "(ingest more clips of the new generator)")
+    if evidence["calibration_humans"] < gates.min_calibration_humans:
+        missing.append(f"threshold calibrated on {evidence['calibration_humans']} humans, need >= "
+                       f"{gates.min_calibration_humans} (ingest more human speech)")
+    end = lambda r, name, high: (r["high"] if high else r["low"]) if name in gates.pessimistic else r["value"]
+    fpr_used = end(cand["fpr"], "human_fpr", True)
+    recall_used = end(cand["new_recall"], "new_recall", False)
     results = {
-        "new_generator_recall": (cand["new_recall"], gates.min_new_recall, cand["new_recall"] >= gates.min_new_recall, ">="),
-        "human_fpr": (cand["fpr"], gates.max_human_fpr, cand["fpr"] <= gates.max_human_fpr, "<="),
-        "human_fpr_vs_production": (cand["fpr"], prod["fpr"] + gates.max_fpr_increase,
-                                    cand["fpr"] <= prod["fpr"] + gates.max_fpr_increase, "<="),
+        "new_generator_recall": (recall_used, gates.min_new_recall, recall_used >= gates.min_new_recall, ">=", cand["new_recall"]),
+        "human_fpr": (fpr_used, gates.max_human_fpr, fpr_used <= gates.max_human_fpr, "<=", cand["fpr"]),
+        "human_fpr_vs_production": (cand["fpr"]["value"], prod["fpr"]["value"] + gates.max_fpr_increase,
+                                    cand["fpr"]["value"] <= prod["fpr"]["value"] + gates.max_fpr_increase, "<=", None),
         "eer_vs_production": (cand["eer"], prod["eer"] + gates.max_eer_increase,
-                              cand["eer"] <= prod["eer"] + gates.max_eer_increase, "<="),
+                              cand["eer"] <= prod["eer"] + gates.max_eer_increase, "<=", None),
     } | {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
-                                            acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=")
+                                            acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=", None)
          for head, acc in sorted(cand["head_accuracy"].items())}
-    out = {name: {"value": round(v, 4), "limit": round(lim, 4), "passed": bool(ok), "rule": f"{op} {lim:.4f}"}
-           for name, (v, lim, ok, op) in results.items()}
+    if gates.max_tries_per_split:
+        results["tries_on_gate_data"] = (tries, gates.max_tries_per_split, tries <= gates.max_tries_per_split, "<=", None)
+    out = {}
+    for name, (v, lim, ok, op, r) in results.items():
+        out[name] = {"value": round(float(v), 4), "limit": round(float(lim), 4), "passed": bool(ok), "rule": f"{op} {lim:.4f}"}
+        if r is not None:
+            out[name] |= {"estimate": round(r["value"], 4), "interval": [round(r["low"], 4), round(r["high"], 4)],
+                          "count": f"{r['k']}/{r['n']}", "gated_on": "pessimistic end" if v != r["value"] else "estimate"}
     if gates.frozen_heads_unchanged:
         out["frozen_weights_unchanged"] = {"value": frozen, "limit": "bit-identical", "passed": all(frozen.values()),
                                            "rule": "frozen parts bit-identical"}
     reasons = [f"{name}: {g['value']} fails {g['rule']}" for name, g in out.items() if not g["passed"]]
-    return {"passed": not reasons, "reasons": reasons, "gates": out}
+    status = INSUFFICIENT if missing else (FAILED if reasons else PASSED)
+    return {"status": status, "passed": status == PASSED, "reasons": missing + reasons, "missing_evidence": missing,
+            "gates": out}
 
 
-def validate(candidate: Detector, production: Detector, finetune_report: dict, params: Params) -> dict:
-    """Metrics of both models on the same held-out data, the before/after table, and the verdict."""
-    new_gens = set(finetune_report["new_generators"])
-    test, new = held_out_clips(Path(params.ingest.store), new_gens)
-    lofo = finetune_report["lofo"]["scores"]
+def validate(candidate: Detector, production: Detector, finetune_report: dict, params: Params, earlier_tries: int = 0) -> dict:
+    """Metrics of both models on the same held-out data, the operating-point table, the before/after
+    table, and the verdict. `earlier_tries`: candidates already judged on this gate data."""
+    gates = params.validation.gates
+    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]))
+    lofo = finetune_report["lofo"]["files"]
     out = {}
     for name, model in (("candidate", candidate), ("production", production)):
         kept, scores, results = score_clips(model, test, params)
         thr = model.meta.threshold
-        if name == "candidate":
-            new_scores = [lofo[c.sha256] for c in new if c.sha256 in lofo]
+        if name == "candidate":   # each new file as scored by the candidate made without it, at its own threshold
             new_kept = [c for c in new if c.sha256 in lofo]
+            new_scores = [lofo[c.sha256]["score"] for c in new_kept]
+            caught = [lofo[c.sha256]["caught"] for c in new_kept]
         else:
             new_kept, new_scores, _ = score_clips(model, new, params)
+            caught = [s >= thr for s in new_scores]
+        s, y = np.array(scores), np.array([c.label for c in kept])
+        humans, earlier = s[y != AI_LABEL], s[y == AI_LABEL]
         tables = evaluate(kept + new_kept, scores + new_scores, thr)
-        test_only = evaluate(kept, scores, thr)["overall"]
         out[name] = {
-            "threshold": thr, "eer": test_only["eer"], "auc": test_only["auc"], "fpr": test_only["fpr"],
-            "recall": test_only["recall"], "new_recall": float(np.mean(np.array(new_scores) >= thr)),
-            "n_test": len(kept), "n_new": len(new_kept), "tables": tables, "scores": scores, "new_scores": new_scores,
+            "threshold": thr, "eer": compute_eer(s, y)[0], "auc": tables["overall"]["auc"],
+            "fpr": rate(int((humans >= thr).sum()), len(humans)), "recall": rate(int((earlier >= thr).sum()), len(earlier)),
+            "new_recall": rate(int(sum(caught)), len(caught)), "n_test": len(kept), "n_new": len(new_kept),
+            "operating_points": operating_points(humans, np.array(new_scores), earlier, gates.operating_points),
+            "tables": tables, "scores": scores, "new_scores": new_scores, "labels": [c.label for c in kept],
             "language": [r.language for r in results], "speakers": [r.speakers for r in results],
-            "labels": [c.label for c in kept], "head_accuracy": head_accuracy(kept, results, model.meta.languages),
+            "head_accuracy": head_accuracy(kept, results, model.meta.languages),
         }
     cand, prod = out["candidate"], out["production"]
     agree = {h: float(np.mean([a == b for a, b in zip(cand[h], prod[h])])) for h in ("language", "speakers")}
-    frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"] != "ai head")
-    verdict = apply_gates(cand, prod, frozen, params.validation.gates)
+    frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"])
+    evidence = {"new_files": len(lofo), "calibration_humans": finetune_report["calibration"]["n_humans"],
+                "calibration_sources": finetune_report["calibration"].get("n_sources"), "test_humans": cand["fpr"]["n"],
+                "test_ai": cand["recall"]["n"]}
+    key = gate_data_key(test, new)
+    verdict = judge(cand, prod, frozen, evidence, earlier_tries + 1, gates)
     _, seen, _ = score_clips(candidate, new, params)
     before_after = [{"file": c.sha256[:16], "generator": c.generator, "production": round(p, 4),
-                     "candidate_trained_on_it": round(s, 4), "candidate_held_out": round(lofo.get(c.sha256, float("nan")), 4)}
+                     "candidate_trained_on_it": round(s, 4),
+                     "candidate_held_out": round(lofo[c.sha256]["score"], 4) if c.sha256 in lofo else None}
                     for c, p, s in zip(new, prod["new_scores"], seen)]
     verdict |= {"threshold": cand["threshold"], "lofo_method": finetune_report["lofo"]["method"],
-                "head_agreement": agree, "before_after": before_after}
+                "recipe": finetune_report.get("recipe"), "evidence": evidence, "gate_data": key,
+                "tries_on_gate_data": earlier_tries + 1, "head_agreement": agree, "before_after": before_after,
+                "operating_points": {"candidate": cand["operating_points"], "production": prod["operating_points"]}}
     return {"models": out, "verdict": verdict}

@@ -1,0 +1,30 @@
+"""Stage twins: vocoded twins of the store's human training clips (pipeline.synthesis.twins).
+
+Runs after ingest; its output folder (`twins.out`) is read with the store by bootstrap and by the
+leave-sources-out evaluation. The neural decoders it trains are saved inside that folder, so DVC
+versions them with the twins they made.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.stages.common import stage_main, write_json
+from pipeline.synthesis.twins import make_twins
+
+
+def run(params: Params, corpus: str | Path | None = None, out: str | Path | None = None) -> dict:
+    cfg = params.twins
+    report = make_twins(corpus or params.ingest.store, out or cfg.out, cfg).to_dict()
+    write_json(cfg.report, report)
+    return {"added": report["added"], "existing": report["existing"], "failed": report["n_failed"],
+            "out": str(out or cfg.out), "report": cfg.report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("twins", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The served threshold: calibrated on held-out humans to a target false-positive rate, with the
+evidence it rests on (how many humans, from how many sources, the interval of the rate it achieves)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from pipeline.config import CalibrationConfig
+from pipeline.core.metrics import rate, threshold_at_fpr
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(human_scores: list[float], cfg: CalibrationConfig, sources: set[str] | None = None) -> dict:
+    """Threshold with at most cfg.target_fpr of these humans at or above it (interpolated between two
+    human scores), the FPR it gives on them with its 95 % interval, and warnings when the humans are too
+    few for the target (fewer than cfg.min_humans, or fewer than 1/target_fpr so no human may pass)."""
+    h = np.asarray(human_scores, float)
+    threshold = threshold_at_fpr(h, cfg.target_fpr)
+    warnings = []
+    if len(h) < cfg.min_humans:
+        warnings.append(f"calibrated on {len(h)} humans, fewer than calibration.min_humans {cfg.min_humans}")
+    if cfg.target_fpr > 0 and len(h) * cfg.target_fpr < 1:
+        warnings.append(f"{len(h)} humans cannot resolve a {cfg.target_fpr:.1%} FPR (need >= {int(np.ceil(1 / cfg.target_fpr))}):"
+                        " the threshold sits just above the highest human score")
+    for w in warnings:
+        log.warning("threshold calibration: %s", w)
+    return {"threshold": float(threshold), "target_fpr": cfg.target_fpr, "n_humans": int(len(h)),
+            "n_sources": len(sources) if sources is not None else None,
+            "fpr": rate(int((h >= threshold).sum()), len(h)), "warnings": warnings}

@@ -1,0 +1,117 @@
+"""Vocoded twins (pipeline.synthesis): each vocoder resynthesises at the original's rate and length, the
+twins step records what it could not do and goes on, never touches an original, and follows params.yaml."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from pipeline.config import TwinsConfig, load_params
+from pipeline.core.data import LoadedClip, read_corpus
+from pipeline.synthesis.neural import load_decoder
+from pipeline.synthesis.twins import make_twins, with_twins
+from pipeline.synthesis.vocoders import SIGNAL_VOCODERS, VocoderError, lpc, world
+from pipeline.training.train import BalancedSampler, make_batch
+
+from conftest import make_speech_like
+
+
+@pytest.mark.parametrize("name", sorted(SIGNAL_VOCODERS))
+@pytest.mark.parametrize("sr", [8000, 16000])
+def test_signal_vocoder_keeps_rate_length_and_level(name, sr):
+    x = make_speech_like(1.5, sr, seed=1)
+    y = SIGNAL_VOCODERS[name](x, sr)
+    assert y.shape == x.shape and y.dtype == np.float32 and np.isfinite(y).all(), f"{name}@{sr}: {y.shape} {y.dtype}"
+    rms = lambda v: float(np.sqrt(np.mean(v.astype(np.float64) ** 2)))
+    assert rms(y) == pytest.approx(rms(x), rel=0.01), f"{name}: the twin is as loud as its original"
+    assert not np.allclose(x, y, atol=1e-3), f"{name}: the waveform was remade, not copied"
+    spec = lambda v: np.log(np.abs(np.fft.rfft(v)) + 1e-6)
+    low = slice(0, len(spec(x)) // 4)   # where the speech-like signal has its harmonics
+    assert np.corrcoef(spec(x)[low], spec(y)[low])[0, 1] > 0.3, f"{name}: the twin keeps the original's spectrum"
+
+
+@pytest.mark.parametrize("vocoder", [world, lpc])
+def test_pitch_vocoders_refuse_unvoiced_input(vocoder):
+    noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    with pytest.raises(VocoderError, match="voiced"):
+        vocoder(noise, 16000)
+
+
+def _corpus(root: Path) -> Path:
+    """Two human clips (16 kHz and 8 kHz), one unvoiced 'human' clip, one AI clip, and a manifest."""
+    files = {"human/a__x/h1.wav": (make_speech_like(1.2, 16000, seed=2), 16000),
+             "human/b__y/h2.wav": (make_speech_like(1.0, 8000, seed=3), 8000),
+             "human/b__y/hiss.wav": (np.random.default_rng(4).standard_normal(8000).astype(np.float32) * 0.05, 8000),
+             "ai/c__tts/t1.wav": (make_speech_like(1.0, 22050, seed=5), 22050)}
+    for rel, (x, sr) in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, x, sr)
+    return root
+
+
+def _fingerprint(root: Path) -> dict:
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), os.stat(p).st_mtime_ns) for p in root.rglob("*.wav")}
+
+
+def test_twins_step_writes_chain_preserving_twins_and_goes_on_after_failures(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    before = _fingerprint(corpus)
+    cfg = TwinsConfig(vocoders=("world", "codec2", "istft"), neural_steps=2, neural_batch_size=2)
+    out = tmp_path / "twins"
+    # when: twins are made
+    report = make_twins(corpus, out, cfg)
+    # then: every human clip got a twin per vocoder, except what a vocoder could not do, which is recorded
+    failed = {(Path(f["file"]).name, f["vocoder"]) for f in report.failed}
+    assert ("hiss.wav", "world") in failed and all(f["reason"] for f in report.failed), report.failed
+    rows = list(csv.DictReader((out / "MANIFEST.csv").open()))
+    assert report.added == len(rows) == 3 * 3 - len(failed), f"{report.added} twins, {len(rows)} rows, failed {failed}"
+    originals = {c.sha256 or hashlib.sha256(c.path.read_bytes()).hexdigest(): c for c in read_corpus(corpus)}
+    for row in rows:
+        original = originals[row["twin_of"]]
+        info, orig = sf.info(out / row["path"]), sf.info(original.path)
+        assert row["label"] == "ai" and row["generator"].startswith("twin-"), row
+        assert row["source"] == original.source and original.label_name == "human", "a twin keeps its original's source"
+        assert info.samplerate == orig.samplerate and info.frames == orig.frames, "same rate and length as the original"
+    assert load_decoder(out / "vocoders" / "istft.pt") is not None, "the trained decoder is kept, loadable weights-only"
+    assert _fingerprint(corpus) == before, "originals are only read"
+    # and: a second run adds nothing; dropping a vocoder from params removes its twins
+    assert make_twins(corpus, out, cfg).added == 0, "re-running adds only what is missing"
+    make_twins(corpus, out, TwinsConfig(vocoders=("world",), neural_steps=2, neural_batch_size=2))
+    left = list(csv.DictReader((out / "MANIFEST.csv").open()))
+    assert {r["generator"] for r in left} == {"twin-world"}, "twins of unconfigured vocoders are pruned"
+    assert len(list((out / "audio").rglob("*.flac"))) == len(left), "and so are their files"
+
+
+def test_twins_join_only_the_clips_they_were_made_from(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    make_twins(corpus, tmp_path / "twins", TwinsConfig(vocoders=("griffinlim",)))
+    clips = read_corpus(corpus)
+    assert len(with_twins(clips, tmp_path / "twins")) == len(clips) + 3, "every human's twin joins"
+    only_a = [c for c in clips if c.source != "b"]
+    assert len(with_twins(only_a, tmp_path / "twins")) == len(only_a) + 1, "a twin without its original stays out"
+    assert with_twins(clips, tmp_path / "none") == clips, "no twins folder: the clips alone"
+
+
+def test_a_pair_is_one_crop_of_a_clip_and_its_twin_under_one_channel():
+    params = load_params("/nonexistent", overrides={"train.twin_fraction": 1.0, "train.mixture_fraction": 0.0,
+                                                     "train.batch_size": 8})
+    from pipeline.core.data import Clip
+
+    rng = np.random.default_rng(0)
+    wave = make_speech_like(5.0, 24000, seed=7)
+    human = LoadedClip(Clip(Path("h.wav"), 0, "human", "s", "en", "src", sha256="h"), wave, (24000, 96000))
+    # an identity "vocoder": the twin is the same waveform, so the pair must come out identical
+    twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave.copy(), (0, len(wave)))
+    other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
+    sampler = BalancedSampler([human, twin, other], rng)
+    waves, ai, _, _ = make_batch(sampler, params, ["en"], rng)
+    assert ai.tolist() == [0, 1] * 4, "each pair is a human clip then its twin"
+    for i in range(0, 8, 2):
+        assert torch.equal(waves[i], waves[i + 1]), "same crop, same channel augmentation for both halves of a pair"
+    assert len({waves[i].sum().item() for i in range(0, 8, 2)}) > 1, "pairs differ from each other"
