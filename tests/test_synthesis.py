@@ -95,6 +95,13 @@ def test_twins_join_only_the_clips_they_were_made_from(tmp_path):
     assert len(with_twins(clips, tmp_path / "twins")) == len(clips) + 3, "every human's twin joins"
     only_a = [c for c in clips if c.source != "b"]
     assert len(with_twins(only_a, tmp_path / "twins")) == len(only_a) + 1, "a twin without its original stays out"
+    # the corpus manifest has no sha256 column: the originals get it, so each twin finds its pair
+    joined = with_twins(clips, tmp_path / "twins")
+    originals = {c.sha256 for c in joined if not c.twin_of}
+    assert all(t.twin_of in originals for t in joined if t.twin_of), "every twin's original is identifiable"
+    sampler = BalancedSampler([LoadedClip(c, np.zeros(8000, np.float32), (0, 8000)) for c in joined],
+                              np.random.default_rng(0))
+    assert len(sampler.twins) == 3, "the sampler pairs all three humans with their twins"
     assert with_twins(clips, tmp_path / "none") == clips, "no twins folder: the clips alone"
 
 

@@ -164,8 +164,10 @@ def _twin(clip: Clip, name: str, vocoder, out: Path, batch: str) -> dict:
 
 
 def with_twins(clips: list[Clip], twins_dir: str | Path | None) -> list[Clip]:
-    """`clips` plus the twins in `twins_dir` whose original is among them (others are ignored)."""
+    """`clips` plus the twins in `twins_dir` whose original is among them (others are ignored). The
+    originals get their sha256 filled in (a corpus manifest may lack it): it is how a twin finds its pair."""
     if not twins_dir or not (Path(twins_dir) / "MANIFEST.csv").exists():
         return clips
-    have = {c.sha256 or file_sha256(c.path) for c in clips if not c.twin_of}
+    clips = [c if c.sha256 or c.twin_of else dataclasses.replace(c, sha256=file_sha256(c.path)) for c in clips]
+    have = {c.sha256 for c in clips if not c.twin_of}
     return clips + [t for t in read_corpus(twins_dir) if t.twin_of in have]
