@@ -254,7 +254,10 @@ class GatesConfig(Section):
 
     min_new_recall: float = Field(0.9, ge=0, le=1)
     max_human_fpr: float = Field(0.05, ge=0, le=1)
-    max_fpr_increase: float = Field(0.01, ge=0, le=1)
+    compare_at_fpr: float = Field(0.05, gt=0, lt=1, description="the human FPR (on the test humans) at which candidate "
+                                  "and production are compared")
+    max_recall_drop: float = Field(0.05, ge=0, le=1, description="recall on earlier AI generators at compare_at_fpr may "
+                                   "fall this much below production's (no forgetting)")
     max_eer_increase: float = Field(0.01, ge=0, le=1)
     frozen_heads_unchanged: bool = True
     max_head_accuracy_drop: float = Field(0.01, ge=0, le=1, description="language and speakers accuracy on held-out "
