@@ -32,7 +32,7 @@ import torch
 from _common import DEFAULT_CORPUS, RESULTS, machine, md_table, write_json  # first: puts the project on sys.path
 from pipeline.config import load_params
 from pipeline.core.audio import load_audio
-from pipeline.core.data import read_corpus
+from pipeline.core.data import file_sha256, read_corpus
 from pipeline.core.model import load_checkpoint
 from pipeline.core.scoring import score_model
 from pipeline.io.store import ClipInfo, from_corpus, ingest
@@ -66,6 +66,8 @@ def one_draw(work: Path, base_store: Path, base: Path, pair: list[Path], generat
     secs = time.perf_counter() - started
     verdict = validate(candidate, production, report, params)["verdict"]
     thr = candidate.meta.threshold
+    calibration = set(report["calibration"].get("clips", []))
+    humans = [h for h in humans if file_sha256(h) not in calibration]   # the threshold's own humans do not count
     new, hum = scores(candidate, others, params), scores(candidate, humans, params)
     before = scores(production, others, params)
     return {"recipe": recipe, "generator": generator, "pair": [p.name for p in pair], "threshold": thr,

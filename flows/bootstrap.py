@@ -80,7 +80,7 @@ def bootstrap(params: BootstrapParams) -> dict:
     summary = {"flow_run_id": run_id, "model_name": cfg.registry.model_name, "model_version": result["model_version"],
                "aliases": aliases, "mlflow_run_id": result["mlflow_run_id"], "checkpoint": result["checkpoint"],
                "data_hash": result["data_hash"], "n_train": result["n_train"], "n_twins": result["n_twins"],
-               "n_val": result["n_val"], "threshold": result["calibration"]["threshold"],
+               "n_val": result["n_val"], "threshold": result["calibration"]["threshold"], "split_by": result["split_by"],
                "validation": {k: overall[k] for k in ("eer", "auc", "accuracy", "fpr", "fnr") if k in overall}}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in summary["validation"].items())
     create_markdown_artifact(
@@ -90,7 +90,7 @@ def bootstrap(params: BootstrapParams) -> dict:
                  f"- MLflow run `{summary['mlflow_run_id']}` (tag prefect_flow_run_id = `{run_id}`)\n"
                  f"- checkpoint `{summary['checkpoint']}`, data {summary['data_hash']}; "
                  f"{summary['n_train']} training clips ({summary['n_twins']} vocoded twins) / {summary['n_val']} "
-                 f"validation clips (whole {cfg.train.split_by}s held out); calibrated threshold "
+                 f"validation clips (whole {result['split_by']}s held out); calibrated threshold "
                  f"{summary['threshold']:.3f}\n\n"
                  f"| validation | value |\n|---|---|\n{rows}\n")
     return summary

@@ -223,7 +223,8 @@ class FinetuneConfig(Section):
 
     recipe: prototype | ocsoftmax (a cosine head, no trunk change), head (the ai head), last_block
     (layer4 + ai head), input_layers (stem + layer1). Humans of the store's train split are divided by
-    speaker: replay, early stopping (val_fraction) and threshold calibration (calibration_fraction)."""
+    speaker into replay and early stopping (val_fraction); the threshold is calibrated on a speaker-
+    disjoint part (calibration_fraction) of the test split's humans, and the gates judge the rest."""
 
     base_model: str = "models/production.pt"
     out: str = "models/candidate.pt"
@@ -237,8 +238,9 @@ class FinetuneConfig(Section):
                              "(the rest on earlier AI replay)")
     distill_weight: float = Field(1.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps "
                                   "the language and speakers heads' outputs as production's")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="speaker groups of humans (and copies) for early stopping")
-    calibration_fraction: float = Field(0.3, gt=0, lt=1, description="speaker groups of humans for threshold calibration")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="train-split humans (by speaker, and copies) for early stopping")
+    calibration_fraction: float = Field(0.4, gt=0, lt=1, description="test-split humans (by speaker) for threshold "
+                                        "calibration; never trained on by production or the candidate")
     patience: int = Field(10, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -62,7 +62,7 @@ PAUSE_S = (0.15, 0.4)  # pause between joined words
 GSM = {"format": "RAW", "subtype": "GSM610", "samplerate": SAMPLE_RATE, "channels": 1}
 GSM_FRAME = (33, 160)  # bytes and samples of one GSM 06.10 frame
 WORKERS = 2
-BUILD_VERSION = 2
+BUILD_VERSION = 4
 
 MANIFEST_COLUMNS = (
     "path", "label", "generator", "speaker", "language",
@@ -184,10 +184,10 @@ TRAINING = (
 # Held-out human clips: speakers never trained on (the Russian volunteers of both games are left out).
 HOLDOUT = {
     HumanSpeaker("asterisk-it-menardi", "menardi", "it-IT", "asterisk-prompt-it-menardi-wav",
-                 f"{SOUNDS_DIR}/it_IT_f_Menardi", "CC-BY-SA-3.0-IT", "asterisk-core-sounds-it"): 15,
-    _volunteer("ktuberling", "ru"): 5,
-    _volunteer("klettres", "ru"): 5,
-    _volunteer("klettres", "en_GB"): 5,
+                 f"{SOUNDS_DIR}/it_IT_f_Menardi", "CC-BY-SA-3.0-IT", "asterisk-core-sounds-it"): 80,
+    _volunteer("ktuberling", "ru"): 20,
+    _volunteer("klettres", "ru"): 20,
+    _volunteer("klettres", "en_GB"): 20,
 }
 N_HOLDOUT = sum(HOLDOUT.values())
 # Whose prompt transcripts give the AI voices their words, by primary language subtag.
@@ -238,8 +238,8 @@ def check_system_requirements() -> None:
 def build_demo_corpus(
     out_dir: Path,
     *,
-    n_human: int = 160,
-    n_ai_per_engine: int = 40,
+    n_human: int = 400,
+    n_ai_per_engine: int = 60,
     n_new: int = 12,
     seed: int = 0,
 ) -> DemoCorpus:
@@ -654,8 +654,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: ``python scripts/demo_corpus.py OUT_DIR [--seed N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n-human", type=int, default=160)
-    parser.add_argument("--n-ai-per-engine", type=int, default=40)
+    parser.add_argument("--n-human", type=int, default=400)
+    parser.add_argument("--n-ai-per-engine", type=int, default=60)
     parser.add_argument("--n-new", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -186,8 +186,13 @@ def test_speaker_parts_are_disjoint_by_speaker():
     speakers = [{c.speaker for c in part} for part in (train, stop, cal)]
     assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2]), \
         "replay, early-stopping and calibration humans share no speaker"
-    assert (len(speakers[1]), len(speakers[2])) == (2, 3) and len(train) + len(stop) + len(cal) == 50, \
-        "20 % and 30 % of the speakers; every clip in one part"
+    assert (len(stop), len(cal)) == (10, 15) and len(train) + len(stop) + len(cal) == 50, \
+        "20 % and 30 % of the clips, whole speakers at a time; every clip in one part"
+    # a few big speakers and many one-clip speakers (as in the demo corpus): shares follow clips, not speakers
+    lumpy = [Clip(Path(f"/b/{i}.wav"), 0, "human", f"big{i % 4}", "en", "src") for i in range(80)] + \
+            [Clip(Path(f"/s/{i}.wav"), 0, "human", f"one{i}", "en", "src") for i in range(40)]
+    train, stop, cal = speaker_parts(lumpy, (0.2, 0.3), seed=3)
+    assert 24 <= len(stop) <= 36 and 36 <= len(cal) <= 54, f"about 24 and 36 of 120 clips: {len(stop)}, {len(cal)}"
 
 
 def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, small_corpus, tiny_params):

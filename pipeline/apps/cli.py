@@ -51,7 +51,7 @@ def _cmd_bootstrap(args, params) -> int:
     val, cal = report["validation"], report["calibration"]
     print(f"checkpoint: {report['checkpoint']}  (data {report['data_hash']}, params {report['params_hash']}; "
           f"{report['n_train']} training clips, {report['n_twins']} of them twins)")
-    print(f"validation ({report['n_val']} clips, {params.train.split_by}s unseen in training: "
+    print(f"validation ({report['n_val']} clips, {report['split_by']}s unseen in training: "
           f"{', '.join(report['val_sources'][:8])}{' ...' if len(report['val_sources']) > 8 else ''}):")
     print(f"  EER {val['overall']['eer']:.3f}  AUC {val['overall']['auc']:.3f}  FPR {val['overall']['fpr']:.3f}  "
           f"FNR {val['overall']['fnr']:.3f} at the calibrated threshold {cal['threshold']:.3f} "

@@ -32,7 +32,8 @@ def run(params: Params) -> dict:
     candidate = load_checkpoint(params.finetune.out, params.audio)
     production = load_checkpoint(params.finetune.base_model, params.audio)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
-    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]))
+    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
+                               set(finetune_report["calibration"].get("clips", [])))
     key = gate_data_key(test, new)
     earlier = registry.count_versions("gate_data", key, params.registry.model_name)
     result = validate(candidate, production, finetune_report, params, earlier_tries=earlier)

@@ -2,9 +2,12 @@
 
 Data. The new samples' augmented copies (augment stage), and a replay set of stored speech from every
 source (train split only, source-balanced random crops, augmented the same way, so that "augmented"
-cannot become an AI cue): humans and earlier AI generators. The humans are split by speaker three
-ways: replay (training), early stopping, and threshold calibration; no calibration human is trained
-or stopped on. The loss is class-balanced, and within the AI class the new samples carry `new_share`.
+cannot become an AI cue): humans and earlier AI generators. The train split's humans are split by
+speaker into replay and early stopping. The threshold is calibrated on humans that neither production
+nor the candidate ever trained on: a speaker-disjoint part (`calibration_fraction`) of the test split's
+humans; the validate stage judges the candidate on the rest. (A threshold set on humans the trunk was
+trained on is too low for new speakers.) The loss is class-balanced, and within the AI class the new
+samples carry `new_share`.
 
 Recipes (`finetune.recipe`; bench/finetune_recipes.py compares them):
 - `prototype`: no gradient step. Each new generator becomes a prototype, the mean direction of its
@@ -131,19 +134,25 @@ def loss_weights(labels: np.ndarray, is_new: np.ndarray, new_share: float) -> to
 
 
 def speaker_parts(clips: list[Clip], fractions: tuple[float, ...], seed: int) -> list[list[Clip]]:
-    """Speaker-disjoint parts of one class (placeholder speakers count per file): the first part takes
-    what the others (`fractions` of the speaker groups each, at least one group when there are enough)
-    leave. With too few groups, an empty part gets the first part's clips."""
-    groups = sorted({group_key(c, "speaker") for c in clips})
-    np.random.default_rng(seed).shuffle(groups)
-    sizes = [int(round(len(groups) * f)) if len(groups) > len(fractions) else 0 for f in fractions]
-    sizes = [max(s, 1) if len(groups) > len(fractions) else 0 for s in sizes]
-    owner, i = {}, 0
-    for part, size in enumerate(sizes, start=1):
-        for g in groups[i:i + size]:
-            owner[g] = part
-        i += size
-    parts = [[c for c in clips if owner.get(group_key(c, "speaker"), 0) == p] for p in range(len(fractions) + 1)]
+    """Speaker-disjoint parts of one class (placeholder speakers count per file): part i+1 gets about
+    fractions[i] of the clips, whole speakers at a time in seeded order (never more than 1.5x its share),
+    part 0 the rest. With too few speakers, an empty part gets part 0's clips."""
+    groups: dict[str, list[Clip]] = defaultdict(list)
+    for c in clips:
+        groups[group_key(c, "speaker")].append(c)
+    keys = sorted(groups)
+    np.random.default_rng(seed).shuffle(keys)
+    targets = [f * len(clips) for f in fractions]
+    parts: list[list[Clip]] = [[] for _ in range(len(fractions) + 1)]
+    for key in keys:
+        size = len(groups[key])
+        room = [i for i, t in enumerate(targets, start=1) if len(parts[i]) < t and len(parts[i]) + size <= 1.5 * t]
+        if len(keys) > len(fractions) and room:
+            parts[min(room, key=lambda i: len(parts[i]) / targets[i - 1])].extend(groups[key])
+        else:
+            parts[0].extend(groups[key])
+    if not parts[0]:   # every speaker went to the held-out parts: give training its share back
+        parts[0] = parts[1]
     return [p if p else parts[0] for p in parts]
 
 
@@ -167,7 +176,12 @@ def prepare(params: Params) -> Data:
     store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
     new, generators = load_new_copies(augmented, cfg.val_fraction)
     humans, earlier_ai = replay_clips(store, set(generators))
-    h_train, h_stop, h_cal = speaker_parts(humans, (cfg.val_fraction, cfg.calibration_fraction), cfg.seed)
+    h_train, h_stop = speaker_parts(humans, (cfg.val_fraction,), cfg.seed)
+    h_cal = calibration_humans(store, cfg.calibration_fraction, cfg.seed)
+    if not h_cal:
+        log.warning("the store's test split holds no humans: calibrating on held-out speakers of the train split, "
+                    "which the production trunk was trained on (the threshold may be too low for new speakers)")
+        h_train, h_stop, h_cal = speaker_parts(humans, (cfg.val_fraction, cfg.calibration_fraction), cfg.seed)
     n_new = int((~new.is_val).sum())
     n_h = max(cfg.replay_per_class, n_new)
     n_ai_replay = max(cfg.replay_per_class - n_new, 0) if earlier_ai else 0
@@ -182,10 +196,20 @@ def prepare(params: Params) -> Data:
     new_clips = {f: load_audio(rows[f].path, params.audio) for f in sorted(generators)}
     counts = {"new_copies": n_new, "new_files": len(generators), "human_replay": n_h, "ai_replay": n_ai_replay,
               "early_stopping": int(seg.is_val.sum()), "calibration_humans": len(h_cal),
-              "calibration_sources": len({c.source for c in h_cal})}
+              "calibration_sources": len({c.source for c in h_cal}),
+              "calibration_from": "test split" if all(c.split == "test" for c in h_cal) else "train split"}
     log.info("fine-tuning on %d segments (%d new-sample copies of %d files, %d human, %d earlier AI replay); "
              "%d humans for calibration", int((~seg.is_val).sum()), n_new, len(generators), n_h, n_ai_replay, len(h_cal))
     return Data(seg, np.isin(seg.files, list(generators)), generators, new_clips, load_clips(h_cal, params), counts)
+
+
+def calibration_humans(store: Path, fraction: float, seed: int) -> list[Clip]:
+    """The test split's humans set aside for threshold calibration: `fraction` of them, whole speakers.
+    The same call in the validate stage finds them again, to judge the candidate on the others only."""
+    test_humans = [c for c in read_corpus(store) if c.split == "test" and c.label != AI_LABEL]
+    if not test_humans:
+        return []
+    return speaker_parts(test_humans, (fraction,), seed)[1]
 
 
 def replay_clips(store: Path, new_files: set[str]) -> tuple[list[Clip], list[Clip]]:
@@ -425,6 +449,7 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     calibration = calibrated(candidate, data, params, device)
     candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"])
     lofo = leave_one_file_out(model, cached, data, params, device)
+    calibration["clips"] = sorted(it.clip.sha256 for it in data.calibration)
     report = {
         "recipe": cfg.recipe, "trained": TRAINED[cfg.recipe], "segments": data.counts,
         "new_generators": sorted(set(data.generators.values())), "history": history,

@@ -153,7 +153,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
             held = set(sources)
             train_clips = [c for c in everything if c.source not in held and c.split != "test"]
             test = [cache[c.path] for c in real if c.source in held and c.path in cache]
-            tr, va = split_for_training(train_clips, p)
+            tr, va, split_by = split_for_training(train_clips, p)
             train_items = [cache[c.path] for c in tr if c.path in cache]
             val_items = [cache[c.path] for c in va if c.path in cache]
             t0 = time.time()
@@ -163,7 +163,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
                             {it.clip.source for it in val_items if it.clip.label == 0})
             scores = np.array(validation_scores(model, test, p, "cpu"))
             labels = np.array([it.clip.label for it in test])
-            result = {"seed": s, "fold": f, "held_out": sources, "n_train": len(train_items),
+            result = {"seed": s, "fold": f, "held_out": sources, "split_by": split_by, "n_train": len(train_items),
                       "n_twins": sum(1 for it in train_items if it.clip.twin_of), "n_val": len(val_items),
                       "n_test": len(test), "eer": _eer(scores, labels), "val_eer": min(h["val_eer"] for h in history),
                       "epochs": len(history), "threshold": cal["threshold"], "calibration": cal,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import Params, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
-from pipeline.core.data import (LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
+from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
                                 read_corpus, source_groups, split_groups)
 from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
@@ -203,13 +203,23 @@ def training_clips(corpus: str | Path, params: Params, twins: str | Path | None 
     return clips
 
 
-def split_for_training(clips: list, params: Params) -> tuple[list, list]:
-    """(train, validation) by `train.split_by`; validation keeps real clips only (twins are training
-    data), unless that would leave it without AI speech."""
+def split_for_training(clips: list, params: Params) -> tuple[list, list, str]:
+    """(train, validation, how it was split) by `train.split_by`; validation keeps real clips only (twins
+    are training data), unless that would leave it without AI speech. When whole sources cannot give
+    validation both classes (one AI source, say), it falls back to speakers, then files, and says so."""
     cfg = params.train
-    train, val = split_groups(clips, cfg.val_fraction, cfg.seed, cfg.split_by, source_groups(cfg.linked_sources))
+    order: list[str] = ["source", "speaker", "file"]
+    for how in order[order.index(cfg.split_by):]:
+        try:
+            train, val = split_groups(clips, cfg.val_fraction, cfg.seed, how, source_groups(cfg.linked_sources))
+            break
+        except CorpusError as err:
+            if how == "file":
+                raise
+            log.warning("%s; validating on held-out %ss instead (the validation EER then says less about unheard "
+                        "recording chains)", err, order[order.index(how) + 1])
     real = [c for c in val if not c.twin_of]
-    return train, (real if {c.label for c in real} == {0, 1} else val)
+    return train, (real if {c.label for c in real} == {0, 1} else val), how
 
 
 def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None, report: str | Path | None = None,
@@ -221,7 +231,7 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
         raise FileExistsError(f"{out}: already exists; choose another --out (models are never overwritten)")
     started = time.time()
     clips = training_clips(corpus, params, twins)
-    train_clips, val_clips = split_for_training(clips, params)
+    train_clips, val_clips, split_by = split_for_training(clips, params)
     loaded = load_clips(train_clips + val_clips, params)
     in_val = {c.path for c in val_clips}
     train = [it for it in loaded if it.clip.path not in in_val]
@@ -229,7 +239,7 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     check_two_classes([it.clip for it in val], "the validation split")
     n_twins = sum(1 for it in train if it.clip.twin_of)
     log.info("training on %d clips (%d of them vocoded twins), validating on %d (split by %s)", len(train), n_twins,
-             len(val), params.train.split_by)
+             len(val), split_by)
     model, history = train_model(train, val, params)
     scores = validation_scores(model, val, params, "cpu")
     calibration = calibrate([s for s, it in zip(scores, val) if it.clip.label == 0], params.calibration,
@@ -238,10 +248,11 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     dhash = data_hash([it.clip for it in loaded])
     save_checkpoint(model, out, threshold=calibration["threshold"], data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
-                           "twins": n_twins, "split_by": params.train.split_by, "calibration": calibration})
+                           "twins": n_twins, "split_by": split_by, "calibration": calibration,
+                           "val_sources": sorted({it.clip.source for it in val})})
     result = {
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
-        "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": params.train.split_by,
+        "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": split_by,
         "val_sources": sorted({it.clip.source for it in val}),
         "skipped": sorted(str(c.path) for c in train_clips + val_clips if c.path not in {it.clip.path for it in loaded}),
         "languages": list(model.meta.languages), "history": history, "calibration": calibration, "validation": metrics,

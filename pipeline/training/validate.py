@@ -1,7 +1,7 @@
 """Validation: the candidate AND the production model on the same held-out data, and the gates.
 
-Held-out data: the store's `test` split (humans never trained on, earlier AI generators) and the new
-generator's files. The candidate is judged on the new files leave-one-file-out (each scored by a
+Held-out data: the store's `test` split (humans never trained on, earlier AI generators) less the
+humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is judged on the new files leave-one-file-out (each scored by a
 candidate made without it, at that candidate's own calibrated threshold: pipeline.training.finetune);
 production scores them directly. Every rate carries its count and 95 % Wilson interval.
 
@@ -28,10 +28,11 @@ from pipeline.training.evaluate import evaluate
 PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
 
 
-def held_out_clips(store: Path, new_generators: set[str]) -> tuple[list[Clip], list[Clip]]:
-    """(test split without the new generators, the new generators' clips)."""
+def held_out_clips(store: Path, new_generators: set[str], calibration: set[str] = frozenset()) -> tuple[list[Clip], list[Clip]]:
+    """(test split without the new generators and without the humans the threshold was calibrated on,
+    the new generators' clips)."""
     clips = read_corpus(store)
-    test = [c for c in clips if c.split == "test" and c.generator not in new_generators]
+    test = [c for c in clips if c.split == "test" and c.generator not in new_generators and c.sha256 not in calibration]
     new = [c for c in clips if c.label == AI_LABEL and c.generator in new_generators]
     check_two_classes(test, f"the test split of {store}")
     if not new:
@@ -132,7 +133,8 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     """Metrics of both models on the same held-out data, the operating-point table, the before/after
     table, and the verdict. `earlier_tries`: candidates already judged on this gate data."""
     gates = params.validation.gates
-    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]))
+    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
+                               set(finetune_report["calibration"].get("clips", [])))
     lofo = finetune_report["lofo"]["files"]
     out = {}
     for name, model in (("candidate", candidate), ("production", production)):
