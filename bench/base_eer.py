@@ -57,7 +57,8 @@ def row(result: dict) -> dict:
     first = result["per_seed"][0]
     return {"config": result["config"], "twins": result["vocoders"] or "none", "seeds": result["seeds"],
             "pooled EER": span("pooled_eer"), "pooled CI (seed 0)": f"{first['pooled_eer_ci'][0]:.3f}-{first['pooled_eer_ci'][1]:.3f}",
-            "matched-pair EER": span("matched_pair_eer"), "mean fold EER": span("mean_fold_eer"),
+            "matched-pair EER": span("matched_pair_eer"), "matched, clip-weighted": span("matched_pair_eer_weighted"),
+            "mean fold EER": span("mean_fold_eer"),
             "human FPR@thr": span("human_fpr_at_threshold"), "AI recall@thr": span("ai_recall_at_threshold"),
             "train min": fold_s / 60}
 

@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per trial")
     ap.add_argument("--out", type=Path, default=RESULTS / "demo_story.json")
+    ap.add_argument("--keep", type=Path, help="keep the trials' clones here (corpus, store, base model, registry)")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="aivoice-demo-story-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
-            rows.append(trial(seed, Path(tmp), args.timeout))
+            rows.append(trial(seed, work, args.timeout))
             print(rows[-1], flush=True)
             write_json(args.out, {"machine": machine(), "rows": rows})
     ok = sum(r["whole_story"] for r in rows)

@@ -132,7 +132,7 @@ def run_once(args, threads: int) -> dict:
     if base:
         (proj / "models").mkdir()
         shutil.copy(base, proj / "models" / "base.pt")
-        code = ("from pipeline import registry\n"
+        code = ("from pipeline.io import registry\n"
                 "v = registry.register('models/base.pt', tags={'source': 'bench/retrain.py base'})\nprint('registered v', v)")
         setup["register_base_s"], _ = sh([sys.executable, "-c", code], proj, env)
         base_desc = f"{base} (reused)"
@@ -176,8 +176,9 @@ def run_once(args, threads: int) -> dict:
         "target_s": TARGET_S, "target_met": total < TARGET_S, "load_start": load_start, "load_end": load_end,
         "noop_repro_s": again, "noop_repro_ran_nothing": "Running stage" not in out,
         "ingested": len(ingest.get("added", [])), "finetune": {k: ft.get(k) for k in ("segments", "best_epoch", "trained", "new_generators")}
-        | {"epochs_run": len(ft.get("history", [])), "lofo": ft.get("lofo", {}).get("scores")},
-        "verdict": {"passed": verdict["passed"], "reasons": verdict["reasons"], "threshold": verdict.get("threshold"),
+        | {"epochs_run": len(ft.get("history", [])), "recipe": ft.get("recipe"), "lofo": ft.get("lofo", {}).get("files")},
+        "verdict": {"passed": verdict["passed"], "status": verdict.get("status"), "reasons": verdict["reasons"],
+                    "threshold": verdict.get("threshold"),
                     "gates": {n: {"passed": g["passed"], "value": g["value"]} for n, g in verdict["gates"].items()}},
         "project": str(proj) if args.keep else None, "wall_s": round(time.time() - t0, 1),
     }
@@ -191,7 +192,7 @@ def run_once(args, threads: int) -> dict:
         md_table(rows, ["stage", "seconds", "share"], "{:.2f}"), "",
         f"target < {TARGET_S:.0f} s: {'MET' if total < TARGET_S else 'NOT MET'} ({total:.1f} s). "
         f"finetune: {result['finetune']['epochs_run']} epochs run (best {result['finetune']['best_epoch']}), segments {result['finetune']['segments']}.",
-        f"verdict: {'PASSED' if verdict['passed'] else 'FAILED'}; gates: {gates}",
+        f"verdict: {verdict.get('status', 'passed' if verdict['passed'] else 'failed').upper()}; gates: {gates}",
         f"set-up (not in the total): " + ", ".join(f"{k} {v:.1f}" for k, v in setup.items())
         + f"; no-op `dvc repro` afterwards {again:.1f} s (ran nothing: {result['noop_repro_ran_nothing']})",
         f"benchmark wall {result['wall_s']:.0f} s", ""])

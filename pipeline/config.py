@@ -189,9 +189,9 @@ class TwinsConfig(Section):
     out: str = "data/twins"
     report: str = "reports/twins.json"
     vocoders: tuple[Literal["griffinlim", "world", "lpc", "codec2", "istft", "hifigan"], ...] = (
-        "griffinlim", "world", "lpc", "codec2", "istft", "hifigan")
+        "griffinlim", "world", "lpc", "codec2", "istft")
     codec2_mode: Literal["3200", "2400", "1600", "1400", "1300", "1200", "700C"] = "1300"
-    neural_steps: int = Field(1500, gt=0)
+    neural_steps: int = Field(600, gt=0)
     neural_batch_size: int = Field(8, gt=0)
     neural_lr: float = Field(5e-4, gt=0)
     neural_max_minutes: float = Field(10.0, gt=0)

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+step() { printf '\n\033[1m== %s\033[0m  (%d s in)\n' "$*" "$SECONDS"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 passed() { python -c "import json,sys; sys.exit(0 if json.load(open('reports/verdict.json'))['passed'] else 1)"; }
 show_verdict() {  # reports/verdict.json: the gates and the before/after table of the ingested clips

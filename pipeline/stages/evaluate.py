@@ -62,6 +62,8 @@ def describe(result: dict) -> str:
         f"  mean per-fold EER     {fmt('mean_fold_eer')}",
         f"  matched-pair EER      {fmt('matched_pair_eer')}   95% CI {first['matched_pair_eer_ci'][0]:.3f}-"
         f"{first['matched_pair_eer_ci'][1]:.3f}  (within {len(first['matched_pair_sources'])} sources holding both labels)",
+        f"  matched-pair, clip-weighted over the {len(first['matched_pair_sources_weighted'])} sources with >= 6 "
+        f"clips of each label: {fmt('matched_pair_eer_weighted')}",
         f"  at the calibrated thresholds: human FPR {fmt('human_fpr_at_threshold')}, AI recall {fmt('ai_recall_at_threshold')}",
     ]
     return "\n".join(lines)

@@ -25,8 +25,8 @@ def run(params: Params) -> dict:
         tracking.log_history(report["history"])
         mlflow.log_metrics({"calibrated_threshold": report["calibration"]["threshold"],
                             "calibration_humans": report["calibration"]["n_humans"]}
-                           | {f"segments_{k}": v for k, v in report["segments"].items()})
-        mlflow.set_tag("recipe", report["recipe"])
+                           | {f"segments_{k}": v for k, v in report["segments"].items() if isinstance(v, (int, float))})
+        mlflow.set_tags({"recipe": report["recipe"], "calibration_from": report["segments"].get("calibration_from", "")})
         out = Path(cfg.out)
         out.unlink(missing_ok=True)   # a stage output: DVC keeps every earlier version in its cache
         save_checkpoint(candidate, out, threshold=report["calibration"]["threshold"], data_hash=dhash,

@@ -7,7 +7,8 @@ source-disjoint part of those) and scores the fold's real clips (twins are train
 Reported, per training seed and with 95 % bootstrap intervals:
 - pooled EER over all held-out clips (scores of K models), and the mean per-fold EER;
 - the within-source EER of matched-pair sources (human and AI from the same page and chain,
-  averaged over those sources): the number the recording chain cannot fake;
+  averaged over those sources): the number the recording chain cannot fake; and the same weighted by
+  clips over the sources with at least 6 clips of each label (tiny sources swing the plain mean);
 - per source: clips, within-source EER, human FPR / AI recall at the fold model's calibrated threshold;
 - per generator: its AI clips against the humans of its fold.
 """
@@ -31,6 +32,7 @@ from pipeline.training.train import split_for_training, train_model, validation_
 log = logging.getLogger(__name__)
 
 N_BOOTSTRAP = 1000
+MIN_PER_LABEL = 6   # a matched-pair source counts in the clip-weighted figure with this many clips of each label
 
 
 def source_folds(clips: list[Clip], k: int, seed: int, linked: dict[str, str]) -> list[list[str]]:
@@ -114,8 +116,12 @@ def summarise_seed(clips: list[Clip], scores: np.ndarray, folds: np.ndarray, thr
         idx = np.flatnonzero(ai | humans)
         per_generator.append({"generator": g, "fold": int(fold), "n_ai": int(ai.sum()), "eer_vs_fold_humans":
                               _eer(scores[idx], y[idx]), "recall": float((scores[ai] >= thresholds[ai]).mean())})
+    sizable = [r for r in per_source if r["n_human"] >= MIN_PER_LABEL and r["n_ai"] >= MIN_PER_LABEL]
+    weighted = float(np.average([r["eer_in_source"] for r in sizable], weights=[r["n_human"] + r["n_ai"] for r in sizable])) \
+        if sizable else float("nan")
     return {
-        "seed": seed, "pooled_eer": pooled, "pooled_eer_ci": bootstrap_ci(lambda i: _eer(scores[i], y[i]), by_label, rng),
+        "seed": seed, "pooled_eer": pooled, "matched_pair_eer_weighted": weighted,
+        "matched_pair_sources_weighted": [r["source"] for r in sizable], "pooled_eer_ci": bootstrap_ci(lambda i: _eer(scores[i], y[i]), by_label, rng),
         "fold_eers": fold_eers, "mean_fold_eer": float(np.nanmean(fold_eers)),
         "matched_pair_eer": matched_eer(np.arange(len(y))),
         "matched_pair_eer_ci": bootstrap_ci(matched_eer, [in_source[s][y[in_source[s]] == lab] for s in matched
@@ -191,7 +197,8 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
 
 def _across_seeds(per_seed: list[dict]) -> dict:
     out = {}
-    for key in ("pooled_eer", "mean_fold_eer", "matched_pair_eer", "human_fpr_at_threshold", "ai_recall_at_threshold"):
+    for key in ("pooled_eer", "mean_fold_eer", "matched_pair_eer", "matched_pair_eer_weighted", "human_fpr_at_threshold",
+                "ai_recall_at_threshold"):
         values = [r[key] for r in per_seed]
         out[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
                     "per_seed": values}
