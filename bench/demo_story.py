@@ -1,7 +1,8 @@
 """How often does `make demo` tell the whole story? Runs the demo on N fresh corpora (one per seed).
 
 Each trial is a fresh clone of this repository's HEAD (nothing of the working tree's state: no store,
-no registry, no models), sharing this checkout's .venv, run as `DEMO_SEED=<seed> bash scripts/demo.sh`.
+no registry, no models), sharing this checkout's .venv, with PYTHONPATH set to the clone (so the
+clone's code runs, not this working tree's), run as `DEMO_SEED=<seed> bash scripts/demo.sh`.
 A trial tells the whole story when the demo exits 0 after: the retrain flow promoted its candidate
 through the gates, `aivoice serve` answered with the new champion, the rollback was followed by the
 running service, and `aivoice models` listed the registry. Wall time per trial is reported (the venv
@@ -31,7 +32,7 @@ def trial(seed: int, work: Path, timeout: int) -> dict:
     (clone / ".venv").symlink_to(REPO / ".venv")
     started = time.monotonic()
     try:
-        done = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=os.environ | {"DEMO_SEED": str(seed)},
+        done = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=os.environ | {"DEMO_SEED": str(seed), "PYTHONPATH": str(clone)},
                               capture_output=True, text=True, timeout=timeout)
         out, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:

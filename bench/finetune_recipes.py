@@ -115,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generators", nargs="*", help="only these generators")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "finetune_recipes.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     params = load_params(args.params, overrides)
-    rows = []
+    rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
+    done = {(r["recipe"], r["generator"], r["draw"]) for r in rows}
     with tempfile.TemporaryDirectory(prefix="aivoice-recipes-") as tmp:
         tmp = Path(tmp)
         if args.demo:
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 pair = [t["clips"][i] for i in pick]
                 others = [c for i, c in enumerate(t["clips"]) if i not in pick]
                 for recipe in args.recipes:
+                    if (recipe, t["generator"], draw) in done:
+                        continue
                     r = one_draw(tmp / "run", t["store"], t["base"], pair, t["generator"], others, t["humans"], recipe,
                                  args.params, overrides) | {"draw": draw}
                     rows.append(r)

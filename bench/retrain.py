@@ -133,7 +133,7 @@ def run_once(args, threads: int) -> dict:
         (proj / "models").mkdir()
         shutil.copy(base, proj / "models" / "base.pt")
         code = ("from pipeline.io import registry\n"
-                "v = registry.register('models/base.pt', tags={'source': 'bench/retrain.py base'})\nprint('registered v', v)")
+                "v = registry.register('models/base.pt', base=True, tags={'source': 'bench/retrain.py base'})\nprint('registered v', v)")
         setup["register_base_s"], _ = sh([sys.executable, "-c", code], proj, env)
         base_desc = f"{base} (reused)"
     else:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
 from pipeline.io import registry
-from pipeline.config import Params, load_params
+from pipeline.config import Params, apply_threads, load_params
 from pipeline.stages import bootstrap as bootstrap_stage
 from pipeline.stages import twins as twins_stage
 
@@ -66,6 +66,7 @@ def bootstrap(params: BootstrapParams) -> dict:
     """Train a base model from scratch on a corpus and register it (champion if it is the first)."""
     repo = Path(params.repo).resolve()
     cfg = load_params(repo / params.params_file)
+    apply_threads(cfg)                               # compute.threads: training runs in this process
     run_id = flow_run.get_id()
     out = in_repo(repo, params.out or cfg.train.out)
     report = in_repo(repo, params.report or cfg.train.report)

@@ -38,7 +38,7 @@ from flows.common import TRACKING_RETRIES
 from pipeline.core import drift
 from pipeline.io import registry, tracking
 from pipeline.core.audio import find_audio
-from pipeline.config import Params, load_params
+from pipeline.config import Params, apply_threads, load_params
 from pipeline.apps.detect import AI_GENERATED, detect_files
 from pipeline.core.model import load_checkpoint
 from pipeline.core.scoring import Scorer
@@ -241,6 +241,7 @@ def queue_for_review(rows: list[dict], threshold: float, model_version: int | No
 def monitor(params: MonitorParams) -> dict:
     """Score traffic with the champion, log its distribution and drift to MLflow, queue clips for review."""
     cfg = load_params(params.params_file)
+    apply_threads(cfg)                      # compute.threads: the traffic is scored in this process
     name = cfg.registry.model_name
     run_id = flow_run.get_id()
     model = resolve_model(params.model, name)

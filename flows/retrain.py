@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
 from pipeline.io import registry
-from pipeline.config import load_params
+from pipeline.config import apply_threads, load_params
 
 STAGES = ("ingest", "augment", "finetune", "validate")
 DEFAULT_REASON = "retrain flow: candidate passed every validation gate"
@@ -116,6 +116,7 @@ def promote(verdict: dict, mode: str, reason: str, model_name: str) -> dict:
         why = "insufficient evidence: " if verdict.get("status") == "insufficient evidence" else "failed gates: "
         decision = {"action": "rejected", "why": why + "; ".join(verdict["reasons"])}
     else:
+        registry.complete_pending(model_name)   # a promotion interrupted on an earlier try is finished first
         current = registry.aliases(model_name)
         if current.get(registry.CHAMPION) == version:
             decision = {"action": "already-champion", "why": f"v{version} is already {registry.CHAMPION}"}
@@ -154,6 +155,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
     logger = get_run_logger()
     repo = Path(params.repo).resolve()
     cfg = load_params(repo / params.params_file)       # a bad params file fails here, before any work
+    apply_threads(cfg)                                   # compute.threads here; each DVC stage sets its own
     mode = params.promote or cfg.registry.promotion
     run_id = flow_run.get_id()
     name = cfg.registry.model_name

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, PlainValidator, PositiveFloat,
+                      ValidationError, model_validator)
 
 DEFAULT_PARAMS = Path("params.yaml")
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -300,6 +304,29 @@ class ServeConfig(Section):
     device: str = "cpu"
 
 
+def _threads(value: object) -> Literal["auto"] | int:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"must be auto or an integer >= 1, not {value!r}")
+
+
+Threads = Annotated[Literal["auto"] | int, PlainValidator(_threads)]
+
+
+class ComputeConfig(Section):
+    """CPU use of every entry point (DVC stages, CLI, flows, serve); apply_threads() applies it.
+
+    threads: torch's intra-op threads. `auto`: 1 when the host has <= 2 CPU cores or its 1-minute load
+    average is >= its core count (torch's default, one thread per core, collapses 2-20x when the cores
+    are shared: docs/benchmarks.md), else torch's default; or a fixed number >= 1."""
+
+    threads: Threads = "auto"
+
+
 class Params(Section):
     """Everything in params.yaml."""
 
@@ -317,6 +344,7 @@ class Params(Section):
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")  # `validate` in params.yaml
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    compute: ComputeConfig = ComputeConfig()
 
 
 class ParamsError(ValueError):
@@ -346,7 +374,45 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ParamsError(f"{path}: {key}: {first['msg']}") from None
 
 
+_NOT_HASHED = {"compute"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
+
+
 def params_hash(params: BaseModel) -> str:
-    """Stable short hash of a settings object, recorded with every model."""
-    blob = json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()
+    """Stable short hash of a settings object, recorded with every model (the `compute` section left out)."""
+    dumped = params.model_dump(mode="json", exclude=_NOT_HASHED if isinstance(params, Params) else None)
+    blob = json.dumps(dumped, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_torch_default_threads: int | None = None   # torch's own choice, read before the first change
+_logged_threads: int | None = None
+
+
+def auto_threads() -> int | None:
+    """What `compute.threads: auto` asks for on this host: 1 when it has <= 2 CPU cores (os.cpu_count())
+    or its 1-minute load average is >= that count, else None (torch's default)."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform: judge by the cores alone
+        load = 0.0
+    return 1 if cores <= 2 or load >= cores else None
+
+
+def apply_threads(params: Params) -> int:
+    """Set torch's intra-op threads from `compute.threads` (torch.set_num_threads); returns the number
+    used. Every entry point calls it once after reading params; the choice is logged once at INFO."""
+    import torch  # here, not at module level: reading settings must not load torch
+
+    global _torch_default_threads, _logged_threads
+    if _torch_default_threads is None:
+        _torch_default_threads = torch.get_num_threads()
+    setting = params.compute.threads
+    wanted = auto_threads() if setting == "auto" else setting
+    threads = wanted if wanted is not None else _torch_default_threads
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if threads != _logged_threads:
+        _logged_threads = threads
+        log.info("torch intra-op threads: %d (compute.threads: %s; %s CPU cores)", threads, setting, os.cpu_count())
+    return threads

@@ -200,7 +200,7 @@ def project(tmp_path, monkeypatch, small_corpus, mlflow_store, tiny_checkpoint, 
         root = make_project(tmp_path / "project", small_corpus, gates=gates, promotion=promotion)
         monkeypatch.chdir(root)
         if champion == "tiny":
-            assert registry.register(tiny_checkpoint(seed=1), name=MODEL) == 1, "the first version is champion"
+            assert registry.register(tiny_checkpoint(seed=1), name=MODEL, base=True) == 1, "the first base is champion"
             return root
         boot = run_bootstrap("data/store")
         assert boot["model_version"] == 1 and boot["aliases"] == ["champion"], f"first model is champion: {boot}"
@@ -344,7 +344,7 @@ def test_monitor_flags_drift_queues_uncertain_clips_and_logs_to_mlflow(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     # given a champion and two days of production traffic
-    assert registry.register(tiny_checkpoint(seed=3), name=MODEL) == 1, "the first version is champion"
+    assert registry.register(tiny_checkpoint(seed=3), name=MODEL, base=True) == 1, "the first base is champion"
     traffic = tmp_path / "traffic"
     clips = sorted(small_corpus.human_holdout_dir.glob("*.wav"))[:4] + sorted(small_corpus.new_generator_dir.glob("*.wav"))[:3]
     for i, clip in enumerate(clips):

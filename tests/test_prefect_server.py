@@ -95,7 +95,7 @@ def test_scheduled_deployment_runs_retrain_on_a_worker(tmp_path, small_corpus, m
     env = prefect_server | {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "AIVOICE_ARTIFACT_ROOT", "AIVOICE_CACHE_DIR")}
     # given a project with new samples waiting, a champion in the registry, and auto promotion
     project = make_project(tmp_path / "project", small_corpus, gates=RELAXED_GATES, promotion="auto")
-    assert registry.register(tiny_checkpoint(seed=2), name=MODEL) == 1, "the first version is champion"
+    assert registry.register(tiny_checkpoint(seed=2), name=MODEL, base=True) == 1, "the first base is champion"
     # when `retrain` is deployed from the project's source on a nightly cron in a process pool
     deployment_id = _python(
         "from flows.deploy import schedule; "

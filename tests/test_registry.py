@@ -36,11 +36,11 @@ def same_scores(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_first_registered_version_becomes_champion_with_lineage_tags(mlflow_store, tiny_checkpoint):
+def test_first_registered_base_becomes_champion_with_lineage_tags(mlflow_store, tiny_checkpoint):
     # given an empty registry
     ckpt = tiny_checkpoint(seed=1, threshold=0.42)
-    # when the first checkpoint is registered, gates not run
-    v1 = registry.register(ckpt, tags={"eer": 0.12, "owner": "ci"}, gates_passed=None)
+    # when the first checkpoint is registered as a base model (bootstrap, import), gates not run
+    v1 = registry.register(ckpt, tags={"eer": 0.12, "owner": "ci"}, gates_passed=None, base=True)
     # then it is champion, promoted as the first model, and carries lineage and validation tags
     assert registry.aliases() == {CHAMPION: v1}, f"first version should be champion only: {registry.aliases()}"
     tags = tracking.configure().get_model_version(registry.DEFAULT_NAME, str(v1)).tags
@@ -207,6 +207,222 @@ def test_flatten_params_names_sections_and_truncates():
     assert flat["audio.sample_rate"] == str(PARAMS.audio.sample_rate), f"flattened: {list(flat)[:5]}"
     assert all(isinstance(v, str) for v in flat.values()), "every value should be a string"
     assert len(tracking.flatten_params(long)["detect.model"]) == 6000, "values longer than 6000 chars are truncated"
+
+
+# --- guards: first champion, baseline-bound promotion, crash-safe and locked alias moves ---------------
+
+def _client():
+    return tracking.configure()
+
+
+def test_a_failing_candidate_never_becomes_the_first_champion(mlflow_store, tiny_checkpoint):
+    # given an empty registry
+    # when fine-tuned candidates that failed, or had too little evidence, are registered
+    failed = registry.register(tiny_checkpoint(seed=1), gates_passed=False, tags={"source": "finetune"})
+    thin = registry.register(tiny_checkpoint(seed=2), gates_passed=False, status="insufficient evidence")
+    # then neither is served: no alias at all
+    assert registry.aliases() == {}, f"a candidate whose gates did not pass must not become champion: {registry.aliases()}"
+    assert registry.history() == [], f"no promotion recorded: {registry.history()}"
+    # and a base model (what bootstrap and import-checkpoint register) is the legitimate first champion
+    base = registry.register(tiny_checkpoint(seed=3), base=True)
+    assert registry.aliases() == {CHAMPION: base}, f"the base is champion: {registry.aliases()}"
+    assert {failed, thin} == {1, 2}, "both candidates were still registered"
+
+
+def test_a_failing_candidate_does_not_become_champion_after_the_alias_was_deleted(mlflow_store, tiny_checkpoint):
+    # given a base champion whose alias was then deleted (e.g. in the MLflow UI)
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    _client().delete_registered_model_alias(registry.DEFAULT_NAME, CHAMPION)
+    # when a failing candidate is registered
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=False)
+    # then it stays unaliased; a passing one becomes champion, judged against no champion
+    assert registry.aliases() == {}, f"failed v{v2} must not fill the empty champion alias: {registry.aliases()}"
+    v3 = registry.register(tiny_checkpoint(seed=3), gates_passed=True)
+    assert registry.aliases() == {CHAMPION: v3}, f"passing v{v3} may: {registry.aliases()}"
+    assert registry.history()[-1]["reason"] == "passed its gates; there was no champion", registry.history()[-1]
+    assert v1 == 1
+
+
+def test_bootstrap_stage_registers_its_model_as_the_base_champion(mlflow_store, tiny_checkpoint, monkeypatch):
+    # given the bootstrap stage with its training replaced by a tiny checkpoint (the registration is under test)
+    from pipeline.stages import bootstrap as stage
+
+    ckpt = tiny_checkpoint(seed=4)
+    overall = {"eer": 0.2, "auc": 0.8, "fpr": 0.01}
+    fake = {"checkpoint": str(ckpt), "data_hash": "data-4", "history": [{"epoch": 1, "loss": 0.5}],
+            "calibration": {"threshold": 0.5, "n_humans": 60}, "validation": {"overall": overall, "threshold": 0.5},
+            "val_scores": [{"ai_score": 0.1, "label": "human"}, {"ai_score": 0.9, "label": "ai"}]}
+    monkeypatch.setattr(stage, "bootstrap", lambda *a, **k: fake)
+    monkeypatch.setattr(stage, "write_plots", lambda *a, **k: None)
+    # when it runs on an empty registry
+    result = stage.run(PARAMS, "unused-corpus")
+    # then its version is champion
+    assert registry.aliases() == {CHAMPION: result["model_version"]}, f"bootstrap makes champion: {registry.aliases()}"
+
+
+def test_promotion_is_refused_when_the_champion_moved_since_validation(mlflow_store, tiny_checkpoint):
+    # given v2 and v3 both validated against champion v1, then v3 promoted
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    v3 = registry.register(tiny_checkpoint(seed=3), gates_passed=True, base_version=v1)
+    tags = _client().get_model_version(registry.DEFAULT_NAME, str(v2)).tags
+    assert tags["base_version"] == str(v1), f"the candidate records the champion it was judged against: {tags}"
+    registry.promote(v3, reason="v3 better")
+    # when v2, judged against v1, is promoted over v3
+    with pytest.raises(PromotionError) as refused:
+        registry.promote(v2, reason="v2 also passed")
+    # then it is refused in one line naming both versions, and nothing moved
+    message = str(refused.value)
+    assert f"v{v2}" in message and f"v{v1}" in message and f"now v{v3}" in message and "\n" not in message, message
+    assert registry.aliases() == {CHAMPION: v3, PREVIOUS: v1}, f"aliases must not move: {registry.aliases()}"
+    # and force needs a reason, then is recorded as forced
+    with pytest.raises(PromotionError, match="without a reason"):
+        registry.promote(v2, reason=" ", force=True)
+    event = registry.promote(v2, reason="approved: v3's baseline difference is irrelevant", force=True)
+    assert event["forced"] and registry.aliases()[CHAMPION] == v2, f"forced: {event}, {registry.aliases()}"
+
+
+def test_promotion_of_a_version_without_base_version_is_not_baseline_checked(mlflow_store, tiny_checkpoint):
+    # given a passing version without the tag (registered before the tag existed, or imported), champion moved
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    v3 = registry.register(tiny_checkpoint(seed=3), gates_passed=True)
+    registry.promote(v3, reason="v3")
+    _client().delete_model_version_tag(registry.DEFAULT_NAME, str(v2), "base_version")
+    # when it is promoted, then the baseline check is skipped
+    assert registry.promote(v2, reason="v2")["version"] == v2 and registry.aliases()[CHAMPION] == v2
+    assert v1 == 1
+
+
+# every registry write a promotion or rollback makes (a crash is injected at the k-th of them)
+_WRITES = ("set_registered_model_alias", "delete_registered_model_alias", "set_model_version_tag", "create_run",
+           "set_terminated", "set_registered_model_tag", "delete_registered_model_tag")
+
+
+class _Crash(BaseException):
+    """A crash in the middle of a registry operation (BaseException: nothing may catch it)."""
+
+
+def _crash_at(monkeypatch, k: int) -> dict:
+    """Make the k-th registry write (counted from now) raise _Crash; returns the counter ({'n', 'armed'})."""
+    from mlflow.tracking import MlflowClient
+
+    state = {"n": 0, "armed": True}
+    for method in _WRITES:
+        original = getattr(MlflowClient, method)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            if state["armed"]:
+                state["n"] += 1
+                if state["n"] == k:
+                    state["armed"] = False
+                    raise _Crash(f"killed at write {k}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, method, wrapper)
+    return state
+
+
+def _assert_consistent_after(name: str, champion: int, previous: int, action: str) -> None:
+    assert registry.aliases(name) == {CHAMPION: champion, PREVIOUS: previous}, f"aliases: {registry.aliases(name)}"
+    events = [(e["action"], e["version"], e["previous"]) for e in registry.history(name)]
+    assert events.count((action, champion, previous)) == 1, f"the event is logged exactly once: {events}"
+    model = _client().get_registered_model(name)
+    assert registry.PENDING_TAG not in (model.tags or {}), f"the journal is cleared: {model.tags}"
+    tags = _client().get_model_version(name, str(champion)).tags
+    assert tags["promotion_action"] == action and tags["promoted_by"], f"version tags: {tags}"
+
+
+@pytest.mark.parametrize("k", range(1, 12))
+def test_an_interrupted_promotion_is_completed_by_re_running_it(mlflow_store, tiny_checkpoint, monkeypatch, k):
+    # given champion v1 and challenger v2
+    name = registry.DEFAULT_NAME
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    # when the promotion of v2 is killed at its k-th registry write
+    state = _crash_at(monkeypatch, k)
+    with pytest.raises(_Crash):
+        registry.promote(v2, reason="release")
+    state["armed"] = False
+    # then the champion is one of the two validated versions all along
+    assert registry.aliases(name)[CHAMPION] in (v1, v2), f"after a crash at write {k}: {registry.aliases(name)}"
+    # and re-running the same promotion completes it: aliases, one event, version tags, no journal left
+    event = registry.promote(v2, reason="release (retry)")
+    assert event["version"] == v2 and event["previous"] == v1, f"crash at write {k}: {event}"
+    _assert_consistent_after(name, champion=v2, previous=v1, action="promote")
+
+
+@pytest.mark.parametrize("k", range(1, 11))
+def test_an_interrupted_rollback_is_completed_by_re_running_it(mlflow_store, tiny_checkpoint, monkeypatch, k):
+    # given v2 promoted over v1
+    name = registry.DEFAULT_NAME
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    registry.promote(v2, reason="release")
+    # when the rollback is killed at its k-th registry write, then re-run
+    state = _crash_at(monkeypatch, k)
+    with pytest.raises(_Crash):
+        registry.rollback(reason="bad release")
+    state["armed"] = False
+    registry.rollback(reason="bad release (retry)")
+    # then it is rolled back once (not back and forth), consistently
+    _assert_consistent_after(name, champion=v1, previous=v2, action="rollback")
+
+
+def test_an_interrupted_promotion_is_completed_by_the_next_registry_operation(mlflow_store, tiny_checkpoint,
+                                                                              monkeypatch):
+    # given a promotion of v2 over v1 killed after its event was logged, before the aliases moved
+    name = registry.DEFAULT_NAME
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    state = _crash_at(monkeypatch, 8)   # journal, 4 version tags, create_run, set_terminated, then the 1st alias
+    with pytest.raises(_Crash):
+        registry.promote(v2, reason="release")
+    state["armed"] = False
+    assert registry.aliases(name)[CHAMPION] == v1, "killed before champion moved"
+    # when someone rolls back (the next alias move), then the promotion is first completed, then rolled back
+    event = registry.rollback(reason="undo the release")
+    assert event["version"] == v1 and event["previous"] == v2, f"rollback from the completed promotion: {event}"
+    steps = [(e["action"], e["version"], e["previous"]) for e in registry.history(name)]
+    assert steps == [("promote", v1, None), ("promote", v2, v1), ("rollback", v1, v2)], f"history: {steps}"
+    assert registry.complete_pending(name) is None, "nothing left pending"
+
+
+def test_alias_moves_hold_a_file_lock_beside_the_sqlite_store(mlflow_store, tiny_checkpoint, tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    # given champion v1, challenger v2, and another process holding the registry lock beside the store
+    v1 = registry.register(tiny_checkpoint(seed=1), base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), gates_passed=True)
+    lock = tmp_path / "mlflow.db.registry.lock"
+    assert lock.is_file(), "the lock file lies beside the sqlite database"
+    holder = open(lock, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        # when a promotion runs, then it waits while the lock is held ...
+        done = {}
+        worker = threading.Thread(target=lambda: done.update(event=registry.promote(v2, reason="release")))
+        worker.start()
+        worker.join(timeout=1.5)
+        assert worker.is_alive() and registry.aliases()[CHAMPION] == v1, "promote must wait for the lock"
+        # ... and a rollback gives up with a clear error after the lock timeout
+        monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 0.2)
+        with pytest.raises(RegistryError, match="registry lock .* still held"):
+            registry.rollback(to=v1, reason="x")
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    # and once the lock is released the promotion completes
+    worker.join(timeout=60)
+    assert done["event"]["version"] == v2 and registry.aliases() == {CHAMPION: v2, PREVIOUS: v1}, registry.aliases()
+
+
+def test_lock_paths_local_stores_only():
+    assert registry._lock_path("sqlite:////srv/mlruns/mlflow.db") == Path("/srv/mlruns/mlflow.db.registry.lock")
+    assert registry._lock_path("file:///srv/mlruns") == Path("/srv/mlruns.registry.lock")
+    for remote in ("http://mlflow:5000", "https://mlflow.example.com", "postgresql://u@db/mlflow", "databricks"):
+        assert registry._lock_path(remote) is None, f"{remote} is not locked (yet)"
 
 
 # --- against a real `mlflow server` -------------------------------------------------------------------

@@ -6,9 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ParamsError, load_params
+from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
+# commands that only talk to the registry or start other programs: no torch work, so no thread setting
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "export-champion", "ui", "schedule"})
 
 
 def _cmd_detect(args, params) -> int:
@@ -116,7 +118,8 @@ def _cmd_import(args, params) -> int:
     out = Path(args.out or f"models/imported-{Path(args.file).stem}.pt")
     save_checkpoint(model, out)
     print(report.describe())
-    version = registry.register(out, name=params.registry.model_name, tags={"source": f"import of {args.file}"})
+    version = registry.register(out, name=params.registry.model_name, tags={"source": f"import of {args.file}"},
+                                base=True)   # an adopted base model: champion when the registry has none
     print(f"imported {args.file} -> {out}, registered {params.registry.model_name} v{version}")
     return 0
 
@@ -378,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.io.registry import RegistryError
 
     try:
-        return args.func(args, load_params(args.params))
+        params = load_params(args.params)
+        if args.command not in _NO_COMPUTE:
+            apply_threads(params)   # compute.threads, before any model is loaded
+        return args.func(args, params)
     except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError) as err:
         log.error("%s", err)
         return 2

@@ -9,21 +9,41 @@ Every promotion and rollback is recorded twice:
   event (at, action, version, previous, user, reason, forced). Runs are append-only and atomic, so
   concurrent promotions cannot lose an entry (a shared promotions.jsonl would need read-modify-write),
   and the log stays queryable (`history()`, `mlflow.search_runs`, the MLflow UI).
+
+Guards:
+- only a base model (`register(..., base=True)`: bootstrap, import-checkpoint) or a version whose gates
+  passed becomes champion when the registry has none; a failed or insufficient-evidence candidate never does;
+- a candidate is tagged `base_version`, the champion it was judged against; `promote` refuses it (unless
+  forced with a reason) once champion has moved to another version;
+- a champion move runs in a crash-safe order: the move is first journalled in the registered model's tag
+  `pending_move`, then the version's tags, the event, previous-champion, champion and challenger are written,
+  and the journal is cleared. A crash anywhere leaves the journal; the next promote, rollback or register
+  (or `complete_pending`) completes the move, each step idempotent (the event is logged once, by its id);
+- alias moves hold a file lock (fcntl.flock on `<store>.registry.lock` beside a local sqlite database or
+  file store). A remote registry (an MLflow server, a SQL database) is NOT locked yet: concurrent
+  promotions there can interleave, and the journal only makes each one completable.
 """
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -39,6 +59,10 @@ METRIC_TAGS = ("eer", "human_fpr", "new_gen_recall", "auc")
 _STATUS = {True: "passed", False: "failed", None: "none"}
 _ALIAS = re.compile(r"^[A-Za-z][\w-]*$")
 _EVENT_KEYS = ("at", "action", "version", "previous", "user", "reason", "forced")
+PENDING_TAG = "pending_move"   # registered-model tag: the champion move in progress (JSON event)
+BASE_VERSION_TAG = "base_version"
+LOCK_TIMEOUT_S = 120.0
+log = logging.getLogger(__name__)
 
 
 DEFAULT_NAME = RegistryConfig().model_name
@@ -63,7 +87,7 @@ class Resolved:
 
 def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | None = None,
              gates_passed: bool | None = None, status: str | None = None, name: str = DEFAULT_NAME,
-             experiment: str | None = None) -> int:
+             experiment: str | None = None, base: bool = False, base_version: int | None = None) -> int:
     """Log the checkpoint as a pyfunc model in a run (`run_id`, the active run, or a new one in `experiment`),
     register it as a new version of `name` with lineage and validation tags, and return its number. The
     checkpoint file is stored once, as the model's artifact. Tag `failed_gates` to name them in refusals.
@@ -71,7 +95,14 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     `status` (e.g. "insufficient evidence") overrides the passed/failed of `gates_passed` in the
     `validation_status` tag; only "passed" can be promoted without force.
 
-    The first version of a model becomes champion; later ones that passed the gates become challenger."""
+    `base`: a base model (bootstrap, an imported checkpoint) that no gates judge. When the registry has
+    no champion, the version becomes champion only if it is a base or its gates passed; a failed or
+    insufficient-evidence candidate is registered without an alias. With a champion, a version that
+    passed becomes challenger.
+
+    `base_version`: the champion version the candidate was judged against (tag `base_version`; promote
+    refuses the candidate once champion has moved). Default for a judged version (gates_passed or status
+    given): the champion now."""
     client = tracking.configure()
     meta = load_checkpoint(ckpt_path).meta  # refuses anything that is not a checkpoint
     lineage = tracking.lineage_tags(params_hash=meta.params_hash, data_hash=meta.data_hash)
@@ -79,14 +110,28 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     validation = (status or _STATUS[gates_passed]).replace(" ", "-")
     version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
                                       "checkpoint": Path(ckpt_path).name}
+    if base_version is None and not base and (gates_passed is not None or status):
+        base_version = aliases(name).get(CHAMPION)
+    if base_version is not None and not base:
+        version_tags[BASE_VERSION_TAG] = str(base_version)
     with _run(client, run_id, experiment or name):
         mlflow.set_tags(lineage)
         model_uri = tracking.log_checkpoint_model(ckpt_path)
     version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
-    if CHAMPION not in aliases(name):
-        _make_champion(client, name, version, action="promote", reason="first model", user=None, forced=False)
-    elif gates_passed:
-        client.set_registered_model_alias(name, CHALLENGER, str(version))
+    with _registry_lock(client):
+        current = _complete_pending(client, name)
+        if CHAMPION not in current:
+            if base or validation == "passed":
+                first = client.get_experiment_by_name(_events_experiment(name)) is None   # no champion ever
+                what = "base model" if base else "passed its gates"
+                reason = "first model" if first else f"{what}; there was no {CHAMPION}"
+                _move(client, name, _new_event("promote", version, None, reason=reason, user=None, forced=False))
+            else:
+                log.warning("%s v%d registered without an alias: the registry has no %s, and a version becomes "
+                            "%s only when its gates passed (validation_status=%s) or it is a base model",
+                            name, version, CHAMPION, CHAMPION, validation)
+        elif validation == "passed":
+            client.set_registered_model_alias(name, CHALLENGER, str(version))
     return version
 
 
@@ -94,41 +139,76 @@ def promote(version: int | str | None = None, *, reason: str, force: bool = Fals
             name: str = DEFAULT_NAME) -> dict:
     """Make `version` (default: the challenger) champion; the old champion becomes previous-champion.
 
-    Refused unless the version passed validation, or `force` is given with a non-empty reason."""
+    Refused unless the version passed validation and champion is still the version it was judged against
+    (its `base_version` tag, when it has one), or `force` is given with a non-empty reason. A promotion or
+    rollback that was interrupted is completed first; re-running the interrupted promotion completes it."""
     client = tracking.configure()
-    current = aliases(name)
-    if version is None and CHALLENGER not in current:
-        raise PromotionError(f"{name}: there is no {CHALLENGER} to promote; name a version")
-    version = int(version) if version is not None else current[CHALLENGER]
-    tags = _version(client, name, version).tags
-    if current.get(CHAMPION) == version:
-        raise PromotionError(f"{name} v{version} is already {CHAMPION}")
-    status = tags.get("validation_status", "none")
-    if status != "passed" and not force:
-        raise PromotionError(f"refusing to promote {name} v{version}: validation_status={status}, failed gates: "
-                             f"{tags.get('failed_gates') or 'not recorded'} (force with a reason to override)")
-    if status != "passed" and not reason.strip():
-        raise PromotionError(f"refusing to force {name} v{version} (validation_status={status}) without a reason")
-    event = _make_champion(client, name, version, action="promote", reason=reason, user=user, forced=status != "passed")
-    if current.get(CHALLENGER) == version:
-        client.delete_registered_model_alias(name, CHALLENGER)
-    return event
+    with _registry_lock(client):
+        before = _state(client, name)
+        current = _complete_pending(client, name, before)
+        pending = before[1]
+        if version is None:
+            if pending is not None and pending["action"] == "promote" and CHALLENGER not in current:
+                return _public(pending)   # the interrupted promotion of the challenger, now complete
+            if CHALLENGER not in current:
+                raise PromotionError(f"{name}: there is no {CHALLENGER} to promote; name a version")
+        version = int(version) if version is not None else current[CHALLENGER]
+        if pending is not None and pending["version"] == version:
+            return _public(pending)       # this very move was interrupted: completed above
+        tags = _version(client, name, version).tags
+        champion = current.get(CHAMPION)
+        if champion == version:
+            raise PromotionError(f"{name} v{version} is already {CHAMPION}")
+        status = tags.get("validation_status", "none")
+        if status != "passed" and not force:
+            raise PromotionError(f"refusing to promote {name} v{version}: validation_status={status}, failed gates: "
+                                 f"{tags.get('failed_gates') or 'not recorded'} (force with a reason to override)")
+        base = tags.get(BASE_VERSION_TAG, "")
+        stale = base.isdigit() and int(base) != champion
+        if stale and not force:
+            raise PromotionError(f"refusing to promote {name} v{version}: it was validated against {CHAMPION} v{base}, "
+                                 f"but {CHAMPION} is now {'v' + str(champion) if champion else 'unset'}; validate it "
+                                 f"again against the current {CHAMPION} (or force with a reason)")
+        if (status != "passed" or stale) and not reason.strip():
+            why = f"validation_status={status}" if status != "passed" else f"validated against v{base}"
+            raise PromotionError(f"refusing to force {name} v{version} ({why}) without a reason")
+        event = _new_event("promote", version, champion, reason=reason, user=user, forced=status != "passed" or stale)
+        return _move(client, name, event)
 
 
 def rollback(to: int | str | None = None, *, reason: str, user: str | None = None, name: str = DEFAULT_NAME) -> dict:
     """Make previous-champion (or version `to`, which must have been champion before) champion again;
-    the replaced champion becomes previous-champion."""
+    the replaced champion becomes previous-champion. An interrupted move is completed first; re-running
+    an interrupted rollback completes it (and does not roll back again)."""
     client = tracking.configure()
-    current = aliases(name)
-    target = int(to) if to is not None else current.get(PREVIOUS)
-    if CHAMPION not in current or target is None:
-        raise PromotionError(f"{name}: nothing to roll back to (champion: {current.get(CHAMPION, 'none')}, "
-                             f"{PREVIOUS}: {current.get(PREVIOUS, 'none')})")
-    if target == current[CHAMPION]:
-        raise PromotionError(f"{name} v{target} is already {CHAMPION}")
-    if "promoted_at" not in _version(client, name, target).tags:
-        raise PromotionError(f"{name} v{target} was never {CHAMPION}; use promote")
-    return _make_champion(client, name, target, action="rollback", reason=reason, user=user, forced=False)
+    with _registry_lock(client):
+        before = _state(client, name)
+        current = _complete_pending(client, name, before)
+        pending = before[1]
+        if pending is not None and pending["action"] == "rollback" and (to is None or int(to) == pending["version"]):
+            return _public(pending)       # this very rollback was interrupted: completed above
+        target = int(to) if to is not None else current.get(PREVIOUS)
+        if CHAMPION not in current or target is None:
+            raise PromotionError(f"{name}: nothing to roll back to (champion: {current.get(CHAMPION, 'none')}, "
+                                 f"{PREVIOUS}: {current.get(PREVIOUS, 'none')})")
+        if target == current[CHAMPION]:
+            raise PromotionError(f"{name} v{target} is already {CHAMPION}")
+        if "promoted_at" not in _version(client, name, target).tags:
+            raise PromotionError(f"{name} v{target} was never {CHAMPION}; use promote")
+        return _move(client, name, _new_event("rollback", target, current[CHAMPION], reason=reason, user=user,
+                                              forced=False))
+
+
+def complete_pending(name: str = DEFAULT_NAME) -> dict | None:
+    """Complete a promotion or rollback that was interrupted (a crash, a lost connection) and return its
+    event; None when none was pending. promote, rollback and register do this first on their own."""
+    client = tracking.configure()
+    with _registry_lock(client):
+        _, pending = _state(client, name)
+        if pending is None:
+            return None
+        _complete_pending(client, name, (None, pending))
+        return _public(pending)
 
 
 def aliases(name: str = DEFAULT_NAME) -> dict[str, int]:
@@ -204,29 +284,131 @@ def load_model(ref: str | int | None, params: Params, *, name: str = DEFAULT_NAM
     return load_checkpoint(resolved.checkpoint_path, params.audio), resolved
 
 
-def _make_champion(client: MlflowClient, name: str, version: int, *, action: str, reason: str, user: str | None,
-                   forced: bool) -> dict:
-    """Move champion to `version` (the old one to previous-champion), tag the version and log the event."""
-    previous = aliases(name).get(CHAMPION)
-    if previous is not None:
-        client.set_registered_model_alias(name, PREVIOUS, str(previous))
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    event = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), "action": action, "version": version,
-             "previous": previous, "user": user or _whoami(), "reason": reason, "forced": forced}
-    version_tags = {"promoted_at": event["at"], "promoted_by": event["user"], "promotion_reason": reason,
-                    "promotion_action": action} | ({"forced": "true"} if forced else {})
+def _new_event(action: str, version: int, previous: int | None, *, reason: str, user: str | None,
+               forced: bool) -> dict:
+    return {"id": uuid.uuid4().hex, "at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "action": action, "version": int(version), "previous": previous, "user": user or _whoami(),
+            "reason": reason, "forced": forced}
+
+
+def _public(event: dict) -> dict:
+    return {key: event[key] for key in _EVENT_KEYS}
+
+
+def _move(client: MlflowClient, name: str, event: dict) -> dict:
+    """Make event["version"] champion and event["previous"] previous-champion, in an order a crash at any
+    point leaves completable: journal (PENDING_TAG), version tags, event log, previous-champion, champion,
+    challenger cleared (when it was the version), journal cleared. Every step is idempotent, so running
+    the same event again (`_complete_pending`) finishes it. Call with the registry lock held."""
+    version, previous = event["version"], event["previous"]
+    client.set_registered_model_tag(name, PENDING_TAG, json.dumps(event))
+    version_tags = {"promoted_at": event["at"], "promoted_by": event["user"], "promotion_reason": event["reason"],
+                    "promotion_action": event["action"]} | ({"forced": "true"} if event["forced"] else {})
     for key, value in version_tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    _log_event(client, name, event)
-    return event
+    if not _event_logged(client, name, event["id"]):
+        _log_event(client, name, event)
+    if previous is not None and previous != version:
+        client.set_registered_model_alias(name, PREVIOUS, str(previous))
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if _state(client, name)[0].get(CHALLENGER) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.delete_registered_model_tag(name, PENDING_TAG)
+    return _public(event)
+
+
+def _state(client: MlflowClient, name: str) -> tuple[dict[str, int], dict | None]:
+    """({alias: version}, the pending move or None) in one registry call; ({}, None) for no such model."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}, None
+        raise
+    raw = model.tags.get(PENDING_TAG) if model.tags else None
+    return {alias: int(v) for alias, v in model.aliases.items()}, json.loads(raw) if raw else None
+
+
+def _complete_pending(client: MlflowClient, name: str,
+                      state: tuple[dict[str, int] | None, dict | None] | None = None) -> dict[str, int]:
+    """Finish an interrupted move, if one is journalled; returns the aliases afterwards. Lock held."""
+    current, pending = state or _state(client, name)
+    if pending is None:
+        return current
+    log.warning("%s: completing the interrupted %s of v%s (started %s by %s)", name, pending["action"],
+                pending["version"], pending["at"], pending["user"])
+    _move(client, name, pending)
+    return _state(client, name)[0]
+
+
+def _event_logged(client: MlflowClient, name: str, event_id: str) -> bool:
+    exp = client.get_experiment_by_name(_events_experiment(name))
+    return exp is not None and bool(client.search_runs([exp.experiment_id], f"tags.event_id = '{event_id}'",
+                                                       max_results=1))
 
 
 def _log_event(client: MlflowClient, name: str, event: dict) -> None:
     """One finished run per event in `<name>-registry-events`, the event in its tags."""
     exp = tracking.experiment_id(client, _events_experiment(name))
     tags = {key: "" if event[key] is None else str(event[key]) for key in _EVENT_KEYS} | {"model": name}
-    run = client.create_run(exp, run_name=f"{event['action']} v{event['version']}", tags=tags)
+    run = client.create_run(exp, run_name=f"{event['action']} v{event['version']}",
+                            tags=tags | {"event_id": event["id"]})
     client.set_terminated(run.info.run_id)
+
+
+_held = threading.local()   # lock files this thread holds (flock is per open file: re-locking would deadlock)
+
+
+@contextmanager
+def _registry_lock(client: MlflowClient, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive fcntl.flock on `<store>.registry.lock` beside a local registry store, held while aliases
+    move; re-entrant within a thread. Registries behind a server or a SQL database are not locked (yet)."""
+    path = _lock_path(os.environ.get("MLFLOW_REGISTRY_URI") or client.tracking_uri)
+    held = getattr(_held, "paths", None)
+    if held is None:
+        held = _held.paths = set()
+    if path is None or path in held:
+        if path is None:
+            log.debug("registry at %s is not local: alias moves are not locked", client.tracking_uri)
+        yield
+        return
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"registry lock {path} still held by another promotion or rollback after "
+                                        f"{timeout_s:.0f} s") from None
+                time.sleep(0.05)
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_path(uri: str) -> Path | None:
+    """`<db>.registry.lock` beside a sqlite database or `<folder>.registry.lock` beside a file store; None when remote."""
+    if uri.startswith("sqlite:///"):
+        db = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        if not db or db == ":memory:":
+            return None
+        db_path = Path(unquote(db)).resolve()
+        return db_path.with_name(db_path.name + ".registry.lock")
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        root = Path(unquote(parts.path)).resolve()
+    elif parts.scheme == "" and uri and uri not in ("databricks", "databricks-uc", "uc"):
+        root = Path(uri).resolve()
+    else:
+        return None
+    return root.with_name(root.name + ".registry.lock")
 
 
 def _event_from_tags(tags: dict[str, str]) -> dict:

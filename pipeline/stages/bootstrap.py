@@ -2,8 +2,9 @@
 
 Not a DVC stage (it starts the model line rather than updating it), but built like one:
 `run(params, corpus)` for the Prefect flow and the CLI, `main(argv)` for the command line.
-The first registered model becomes `champion`. With `lso=K` the same recipe is first judged
-leave-sources-out (pipeline.stages.evaluate) and the version is tagged with those figures.
+It registers a base model (`registry.register(base=True)`, no gates): the first becomes `champion`.
+With `lso=K` the same recipe is first judged leave-sources-out (pipeline.stages.evaluate) and the
+version is tagged with those figures.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import mlflow
 
 from pipeline.io import registry, tracking
 from pipeline.stages import evaluate
-from pipeline.config import Params, load_params
+from pipeline.config import Params, apply_threads, load_params
 from pipeline.core.data import LABELS
 from pipeline.training.plots import write_plots
 from pipeline.training.train import bootstrap
@@ -48,9 +49,9 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
                                   "labels": [LABELS[r["label"]] for r in val]}}, Path(plots))
             mlflow.log_artifacts(plots, "plots")
         version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
-                                    tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
-                                          "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap",
-                                          "split_by": params.train.split_by} | lso_tags)
+                                    base=True, tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
+                                                     "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap",
+                                                     "split_by": params.train.split_by} | lso_tags)
     return result | {"model_version": version, "mlflow_run_id": active.info.run_id, "lso": lso_result}
 
 
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--twins", help="twins folder (default: train.twins)")
     parser.add_argument("--lso", type=int, default=0, metavar="K", help="first evaluate the recipe leave-sources-out, K folds")
     args = parser.parse_args(argv)
-    result = run(load_params(args.params), args.corpus, twins=args.twins, lso=args.lso)
+    params = load_params(args.params)
+    apply_threads(params)
+    result = run(params, args.corpus, twins=args.twins, lso=args.lso)
     print(f"registered v{result['model_version']} (run {result['mlflow_run_id']})")
     return 0
 

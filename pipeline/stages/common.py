@@ -7,19 +7,22 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Params, ParamsError, load_params
+from pipeline.config import Params, ParamsError, apply_threads, load_params
 
 log = logging.getLogger(__name__)
 
 
 def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None) -> int:
-    """Parse --params, run the stage, print its outputs as JSON; 2 on a user error."""
+    """Parse --params, set torch's threads (compute.threads), run the stage, print its outputs as JSON;
+    2 on a user error."""
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        outputs = run(load_params(args.params))
+        params = load_params(args.params)
+        apply_threads(params)
+        outputs = run(params)
     except (ParamsError, ValueError, FileNotFoundError) as err:
         log.error("%s stage: %s", name, err)
         return 2

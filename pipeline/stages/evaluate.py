@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params, apply_threads, load_params
 from pipeline.io import tracking
 from pipeline.stages.common import write_json
 from pipeline.training.lso import leave_sources_out
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leave-sources-out", type=int, default=4, dest="k")
     parser.add_argument("--seeds", type=int, default=1)
     args = parser.parse_args(argv)
-    result = run(load_params(args.params), args.corpus, args.k, args.seeds)
+    params = load_params(args.params)
+    apply_threads(params)
+    result = run(params, args.corpus, args.k, args.seeds)
     print(describe(result))
     return 0
 

@@ -29,6 +29,9 @@ def summary(m: dict) -> dict:
 
 def run(params: Params) -> dict:
     cfg = params.validation
+    # the champion this candidate is judged against (the retrain flow exported it to finetune.base_model just
+    # before): tagged base_version on the registered candidate, so promote refuses it once champion has moved
+    base_version = registry.aliases(params.registry.model_name).get(registry.CHAMPION)
     candidate = load_checkpoint(params.finetune.out, params.audio)
     production = load_checkpoint(params.finetune.base_model, params.audio)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
@@ -45,14 +48,16 @@ def run(params: Params) -> dict:
                  for name, m in models.items()}, Path(cfg.plots))
     candidate_scores = {"scores": models["candidate"]["scores"], "labels": models["candidate"]["labels"]}
     verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"],
-                                                     candidate_scores)
+                                                     candidate_scores, base_version=base_version)
     write_json(cfg.verdict, verdict)
     return {"passed": verdict["passed"], "status": verdict["status"], "reasons": verdict["reasons"],
             "verdict": cfg.verdict, "model_version": verdict["model_version"]}
 
 
-def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict, scores: dict) -> dict:
-    """Log the validation to the candidate's fine-tuning run and register it (challenger if it passed).
+def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict, scores: dict,
+                       base_version: int | None = None) -> dict:
+    """Log the validation to the candidate's fine-tuning run and register it (challenger if it passed; never
+    champion unless it passed), tagged with `base_version`, the champion it was judged against.
     `scores` (held-out test-split scores and labels) become the monitor's drift reference."""
     cfg = params.validation
     cand = metrics["candidate"]
@@ -71,13 +76,13 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
         failed = [n for n, g in verdict["gates"].items() if not g["passed"]]
         version = registry.register(
             params.finetune.out, run_id=run_id, name=params.registry.model_name, gates_passed=verdict["passed"],
-            status=verdict["status"],
+            status=verdict["status"], base_version=base_version,
             tags={"eer": f"{cand['eer']:.4f}", "auc": f"{cand['auc']:.4f}", "human_fpr": f"{cand['fpr']:.4f}",
                   "new_gen_recall": f"{cand['new_recall']:.4f}", "gates": json.dumps({n: g["passed"] for n, g in verdict["gates"].items()}),
                   "failed_gates": ", ".join(failed) or "none", "source": "finetune", "gate_data": verdict["gate_data"],
                   "tries_on_gate_data": str(verdict["tries_on_gate_data"]), "recipe": str(verdict.get("recipe")),
                   "missing_evidence": "; ".join(verdict["missing_evidence"]) or "none"})
-    return {"model_version": version, "mlflow_run_id": run_id}
+    return {"model_version": version, "mlflow_run_id": run_id, "base_version": base_version}
 
 
 def main(argv: list[str] | None = None) -> int:
