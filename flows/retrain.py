@@ -1,6 +1,6 @@
 """The `retrain` flow: a new candidate from new samples, judged against the champion, promoted or not.
 
-    export_champion -> ingest -> augment -> finetune -> validate -> promote -> report
+    export_champion -> ingest -> twins -> augment -> finetune -> validate -> promote -> report
 
 - export_champion writes the registry's champion to `finetune.base_model` (models/production.pt), so
   the DVC pipeline always fine-tunes and judges against what production serves.
@@ -34,7 +34,7 @@ from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
 from pipeline.io import registry
 from pipeline.config import apply_threads, load_params
 
-STAGES = ("ingest", "augment", "finetune", "validate")
+STAGES = ("ingest", "twins", "augment", "finetune", "validate")   # twins: for newly ingested humans (incremental)
 DEFAULT_REASON = "retrain flow: candidate passed every validation gate"
 SUMMARY_METRICS = ("eer", "auc", "fpr", "recall", "new_recall", "language_accuracy", "speakers_accuracy", "threshold",
                    "n_test", "n_new")

@@ -233,11 +233,13 @@ class FinetuneConfig(Section):
     base_model: str = "models/production.pt"
     out: str = "models/candidate.pt"
     report: str = "reports/finetune.json"
-    recipe: Literal["prototype", "ocsoftmax", "head", "last_block", "input_layers"] = "head"
+    recipe: Literal["prototype", "ocsoftmax", "head", "last_block", "input_layers"] = "last_block"
     epochs: int = Field(50, gt=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(64, gt=0)
     replay_per_class: int = Field(200, gt=0, description="segments of stored human (and earlier AI) speech per class")
+    replay_twins: bool = Field(True, description="the vocoded twins (twins.out) of the replay humans join the earlier-AI "
+                               "replay, as the base saw them")
     new_share: float = Field(0.5, gt=0, le=1, description="share of the AI class's loss weight on the new samples "
                              "(the rest on earlier AI replay)")
     distill_weight: float = Field(1.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps "

@@ -68,7 +68,7 @@ step "5. The champion on the held-aside neural voice (piper) and on unseen human
 run aivoice detect demo/corpus/new_generator demo/corpus/human_holdout || true
 
 step "6. Two clips of the new voice arrive. The retrain flow (Prefect) exports the champion, runs the DVC stages"
-echo "   ingest -> augment -> finetune -> validate with the default recipe, and promotes the candidate only if"
+echo "   ingest -> twins -> augment -> finetune -> validate with the default recipe, and promotes the candidate only if"
 echo "   its gates pass: held-out estimates, minimum evidence, intervals, both models at the same human FPR."
 mkdir -p data/incoming/ai/piper-joe
 for f in $(ls demo/corpus/new_generator/*.wav | head -n 2); do cp -n "$f" data/incoming/ai/piper-joe/; done

@@ -296,3 +296,21 @@ def test_retries_on_the_same_gate_data_are_counted_and_bounded():
     over = judge(good, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 4, GatesConfig())
     assert ok["passed"] and not over["passed"], "the fourth candidate judged on the same data is refused"
     assert "tries_on_gate_data" in over["reasons"][0], over["reasons"]
+
+
+def test_twins_of_train_humans_join_the_earlier_ai_replay(project, small_corpus, tiny_params):
+    # given a store and the twins of its humans (the twins stage, Griffin-Lim only)
+    from pipeline.core.model import AI_LABEL
+    from pipeline.stages import twins as twins_stage
+    params = tiny_params.model_copy(update={"twins": tiny_params.twins.model_copy(update={"vocoders": ("griffinlim",)})})
+    _ingest(from_corpus(small_corpus.root), params)
+    twins_stage.run(params)
+    store = Path(params.ingest.store)
+    # when the replay set is drawn with and without them
+    humans, with_twins = finetune_module.replay_clips(store, set(), params.twins.out)
+    _, without = finetune_module.replay_clips(store, set(), None)
+    twins = [c for c in with_twins if c.twin_of]
+    # then the twins are AI replay, only of train-split humans, and only when asked for
+    assert twins and all(c.label == AI_LABEL for c in twins), "twins are replayed as AI"
+    assert {t.twin_of for t in twins} <= {h.sha256 for h in humans}, "no twin of a test-split human is replayed"
+    assert not any(c.twin_of for c in without) and len(with_twins) == len(without) + len(twins)

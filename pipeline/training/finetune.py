@@ -51,6 +51,7 @@ from pipeline.core.features import FrontEnd, random_crop
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import AI_LABEL, CosineHead, Detector
 from pipeline.core.scoring import pick_device, score_model
+from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def prepare(params: Params) -> Data:
     rng = np.random.default_rng(cfg.seed)
     store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
     new, generators = load_new_copies(augmented, cfg.val_fraction)
-    humans, earlier_ai = replay_clips(store, set(generators))
+    humans, earlier_ai = replay_clips(store, set(generators), params.twins.out if cfg.replay_twins else None)
     h_train, h_stop = speaker_parts(humans, (cfg.val_fraction,), cfg.seed)
     h_cal = calibration_humans(store, cfg.calibration_fraction, cfg.seed)
     if not h_cal:
@@ -212,14 +213,17 @@ def calibration_humans(store: Path, fraction: float, seed: int) -> list[Clip]:
     return speaker_parts(test_humans, (fraction,), seed)[1]
 
 
-def replay_clips(store: Path, new_files: set[str]) -> tuple[list[Clip], list[Clip]]:
-    """Train-split human and earlier-AI clips of the store (new samples excluded)."""
+def replay_clips(store: Path, new_files: set[str], twins: str | Path | None = None) -> tuple[list[Clip], list[Clip]]:
+    """Train-split human and earlier-AI clips of the store (new samples excluded). With `twins` (the twins
+    folder), the vocoded twins of those humans join the earlier AI: the base learnt them as AI, and a
+    recipe that never sees them again drifts from that direction (docs/benchmarks.md, section 6)."""
     clips = [c for c in read_corpus(store) if c.split != "test" and c.sha256 not in new_files]
     humans = [c for c in clips if c.label != AI_LABEL]
     if not humans:
         raise CorpusError(f"{store}: no human speech in the store's train split: fine-tuning without human "
                           "replay is refused (it would flag every human as AI); ingest human speech first")
-    return humans, [c for c in clips if c.label == AI_LABEL]
+    earlier_ai = [c for c in clips if c.label == AI_LABEL]
+    return humans, earlier_ai + [t for t in with_twins(humans, twins) if t.twin_of]
 
 
 # ------------------------------------------------------------------------------ cached trunk outputs
