@@ -2,7 +2,8 @@
 
 Data. The new samples' augmented copies (augment stage), and a replay set of stored speech from every
 source (train split only, source-balanced random crops, augmented the same way, so that "augmented"
-cannot become an AI cue): humans and earlier AI generators. The train split's humans are split by
+cannot become an AI cue): humans and earlier AI generators, with the vocoded twins of those humans
+counted as earlier AI (`replay_twins`), as the base saw them. The train split's humans are split by
 speaker into replay and early stopping. The threshold is calibrated on humans that neither production
 nor the candidate ever trained on: a speaker-disjoint part (`calibration_fraction`) of the test split's
 humans; the validate stage judges the candidate on the rest. (A threshold set on humans the trunk was
@@ -16,8 +17,8 @@ Recipes (`finetune.recipe`; bench/finetune_recipes.py compares them):
   candidate serves the larger of that and production's `ai` head (pipeline.core.model.CosineHead).
 - `ocsoftmax`: a learned human direction with the one-class softmax loss (Zhang et al. 2021) on
   frozen embeddings, served the same way.
-- `head`: the `ai` head retrained on frozen-trunk embeddings (the production recipe).
-- `last_block`: layer4 and the `ai` head on cached layer3 outputs; a distillation loss keeps the
+- `head`: the `ai` head retrained on frozen-trunk embeddings (the original production recipe).
+- `last_block` (the default): layer4 and the `ai` head on cached layer3 outputs; a distillation loss keeps the
   `language` and `speakers` heads' outputs as production's.
 - `input_layers`: the stem and layer1 ("freeze and learn"), everything after them frozen, with the
   same distillation; every step runs the whole network, so it is the slowest.
