@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from pipeline.config import GatesConfig
-from pipeline.core.data import Clip, CorpusError
+from pipeline.core.data import Clip, CorpusError, read_corpus
 from pipeline.core.metrics import rate
 from pipeline.core.model import load_checkpoint, new_model, save_checkpoint
 from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
@@ -307,8 +307,9 @@ def test_twins_of_train_humans_join_the_earlier_ai_replay(project, small_corpus,
     twins_stage.run(params)
     store = Path(params.ingest.store)
     # when the replay set is drawn with and without them
-    humans, with_twins = finetune_module.replay_clips(store, set(), params.twins.out)
-    _, without = finetune_module.replay_clips(store, set(), None)
+    stored = read_corpus(store)
+    humans, with_twins = finetune_module.replay_clips(store, stored, set(), params.twins.out)
+    _, without = finetune_module.replay_clips(store, stored, set(), None)
     twins = [c for c in with_twins if c.twin_of]
     # then the twins are AI replay, only of train-split humans, and only when asked for
     assert twins and all(c.label == AI_LABEL for c in twins), "twins are replayed as AI"

@@ -177,9 +177,10 @@ def prepare(params: Params) -> Data:
     rng = np.random.default_rng(cfg.seed)
     store, augmented = Path(params.ingest.store), Path(params.augment_stage.out)
     new, generators = load_new_copies(augmented, cfg.val_fraction)
-    humans, earlier_ai = replay_clips(store, set(generators), params.twins.out if cfg.replay_twins else None)
+    stored = read_corpus(store)
+    humans, earlier_ai = replay_clips(store, stored, set(generators), params.twins.out if cfg.replay_twins else None)
     h_train, h_stop = speaker_parts(humans, (cfg.val_fraction,), cfg.seed)
-    h_cal = calibration_humans(store, cfg.calibration_fraction, cfg.seed)
+    h_cal = calibration_humans(stored, cfg.calibration_fraction, cfg.seed)
     if not h_cal:
         log.warning("the store's test split holds no humans: calibrating on held-out speakers of the train split, "
                     "which the production trunk was trained on (the threshold may be too low for new speakers)")
@@ -194,7 +195,7 @@ def prepare(params: Params) -> Data:
         parts += [replay_segments(a_train, n_ai_replay, params, rng, False),
                   replay_segments(a_stop, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng, True)]
     seg = concat(parts)
-    rows = {c.sha256: c for c in read_corpus(store)}
+    rows = {c.sha256: c for c in stored}
     new_clips = {f: load_audio(rows[f].path, params.audio) for f in sorted(generators)}
     counts = {"new_copies": n_new, "new_files": len(generators), "human_replay": n_h, "ai_replay": n_ai_replay,
               "early_stopping": int(seg.is_val.sum()), "calibration_humans": len(h_cal),
@@ -205,20 +206,22 @@ def prepare(params: Params) -> Data:
     return Data(seg, np.isin(seg.files, list(generators)), generators, new_clips, load_clips(h_cal, params), counts)
 
 
-def calibration_humans(store: Path, fraction: float, seed: int) -> list[Clip]:
+def calibration_humans(stored: list[Clip], fraction: float, seed: int) -> list[Clip]:
     """The test split's humans set aside for threshold calibration: `fraction` of them, whole speakers.
-    The same call in the validate stage finds them again, to judge the candidate on the others only."""
-    test_humans = [c for c in read_corpus(store) if c.split == "test" and c.label != AI_LABEL]
+    The report lists them (calibration.clips), so that the validate stage judges on the others only."""
+    test_humans = [c for c in stored if c.split == "test" and c.label != AI_LABEL]
     if not test_humans:
         return []
     return speaker_parts(test_humans, (fraction,), seed)[1]
 
 
-def replay_clips(store: Path, new_files: set[str], twins: str | Path | None = None) -> tuple[list[Clip], list[Clip]]:
-    """Train-split human and earlier-AI clips of the store (new samples excluded). With `twins` (the twins
-    folder), the vocoded twins of those humans join the earlier AI: the base learnt them as AI, and a
-    recipe that never sees them again drifts from that direction (docs/benchmarks.md, section 6)."""
-    clips = [c for c in read_corpus(store) if c.split != "test" and c.sha256 not in new_files]
+def replay_clips(store: Path, stored: list[Clip], new_files: set[str],
+                 twins: str | Path | None = None) -> tuple[list[Clip], list[Clip]]:
+    """Train-split human and earlier-AI clips among `stored` (the store's clips; new samples excluded).
+    With `twins` (the twins folder), the vocoded twins of those humans join the earlier AI: the base
+    learnt them as AI, and a recipe that never sees them again drifts from that direction
+    (docs/benchmarks.md, section 6)."""
+    clips = [c for c in stored if c.split != "test" and c.sha256 not in new_files]
     humans = [c for c in clips if c.label != AI_LABEL]
     if not humans:
         raise CorpusError(f"{store}: no human speech in the store's train split: fine-tuning without human "
