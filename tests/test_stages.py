@@ -67,7 +67,7 @@ def test_ingest_dedupes_quarantines_and_never_touches_the_originals(project, sma
 
 def test_augment_stage_is_reproducible(project, small_corpus, tiny_params):
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], tiny_params)
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new], tiny_params)
     first = augment_stage.run(tiny_params)
     out = Path(tiny_params.augment_stage.out)
     files = {p.name: p.read_bytes() for p in out.glob("*.wav")}
@@ -77,6 +77,50 @@ def test_augment_stage_is_reproducible(project, small_corpus, tiny_params):
         assert sr == 24000 and len(wave) == 72000 and np.isfinite(wave).all(), "3 s at 24 kHz, finite"
     augment_stage.run(tiny_params)
     assert {p.name: p.read_bytes() for p in out.glob("*.wav")} == files, "same inputs and seed, same bytes"
+
+
+def test_incoming_ai_clips_are_training_samples_and_humans_keep_the_hash_split(project, small_corpus, tiny_params):
+    # given: the retrain's drop folder with six clips of a new voice and six human clips
+    from pipeline.stages import ingest as ingest_stage
+
+    incoming = Path(tiny_params.ingest.incoming)
+    for i, p in enumerate(sorted(small_corpus.new_generator_dir.glob("*.wav"))[:6]):
+        (incoming / "ai" / "piper-joe").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, incoming / "ai" / "piper-joe" / f"{i}.wav")
+    humans = [p for p, info in from_corpus(small_corpus.root) if info.label == "human"][:12]
+    for i, p in enumerate(humans):
+        (incoming / "human").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, incoming / "human" / f"{i}{p.suffix}")
+    # when: the ingest stage runs
+    ingest_stage.run(tiny_params)
+    rows = read_manifest(Path(tiny_params.ingest.store))
+    # then: every AI clip is a training sample (judged leave-one-file-out), humans are split by hash
+    assert {r["split"] for r in rows if r["label"] == "ai"} == {"train"}, "a hash split would hide new clips from training"
+    assert {r["split"] for r in rows if r["label"] == "human"} == {"train", "test"}, "humans keep the hash split"
+
+
+def test_test_split_clips_of_the_new_generator_are_never_trained_on(project, small_corpus, tiny_params):
+    # given: two clips of a new voice for training and one ingested as held-out test data
+    params = _with_recipe(tiny_params, "head")
+    base = _store_with_new_samples(small_corpus, params)
+    held = sorted(small_corpus.new_generator_dir.glob("*.wav"))[2]
+    _ingest([(held, ClipInfo(label="ai", generator="piper-joe", split="test"))], params)
+    sha = hashlib.sha256(Path(params.ingest.store, read_manifest(Path(params.ingest.store))[-1]["path"]).read_bytes()).hexdigest()
+    # when: augment and finetune run
+    augment_stage.run(params)
+    index = (Path(params.augment_stage.out) / augment_stage.INDEX).read_text()
+    candidate, report = finetune(base, params)
+    # then: the test clip has no augmented copy and is not among the leave-one-file-out files
+    assert sha not in index and sha not in report["lofo"]["files"], "a test-split clip is never trained on"
+    assert len(report["lofo"]["files"]) == 2, report["lofo"]
+    # and validate counts it as held-out evidence, scored by the candidate itself
+    from pipeline.training.validate import validate
+
+    candidate.meta = candidate.meta.__class__(**{**candidate.meta.__dict__, "threshold": report["calibration"]["threshold"]})
+    verdict = validate(candidate, base, report, params)["verdict"]
+    assert verdict["evidence"]["new_files"] == 3 and "1 test-split file" in verdict["lofo_method"], verdict["evidence"]
+    row = next(r for r in verdict["before_after"] if r["file"] == sha[:16])
+    assert row["candidate_held_out"] == row["candidate_trained_on_it"], "the candidate never trained on it: one score"
 
 
 def test_finetune_refuses_one_class(project, small_corpus, tiny_params):
@@ -93,7 +137,7 @@ def _store_with_new_samples(small_corpus, params, n_new=2):
     """The corpus and `n_new` new-generator clips stored, their copies augmented; a fresh narrow base model."""
     _ingest(from_corpus(small_corpus.root), params)
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:n_new]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new], params)
     augment_stage.run(params)
     torch.manual_seed(0)
     return new_model(["en"], params.audio, params.features, 8, 0.0).eval()
@@ -205,7 +249,8 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
     with torch.no_grad():
         emb = adapter.embed(cached)
         for head, target in teacher.items():
-            assert torch.allclose(torch.log_softmax(adapter.other_heads[head](emb), -1), target, atol=1e-6), head
+            module = adapter.head if head == "ai" else adapter.other_heads[head]
+            assert torch.allclose(torch.log_softmax(module(emb), -1), target, atol=1e-6), head
     candidate, report = finetune(base, params)
     changed = _changed(base.state_dict(), candidate.state_dict())
     assert changed and all(k.startswith(("trunk.layer4.", "heads.ai.")) for k in changed), \

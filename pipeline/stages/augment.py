@@ -26,7 +26,8 @@ INDEX = "index.csv"
 
 
 def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
-    """Manifest rows of the new generator(s): named ones, else those of the latest batch's AI clips."""
+    """Train-split manifest rows of the new generator(s): named ones, else those of the latest batch's AI
+    clips. Their test-split clips are never trained on: validate scores them with the candidate."""
     ai = [r for r in rows if r["label"] == "ai"]
     if not generators:
         if not ai:
@@ -36,7 +37,11 @@ def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
     chosen = [r for r in ai if r["generator"] in generators]
     if not chosen:
         raise CorpusError(f"no stored AI clips of generator(s) {', '.join(generators)}")
-    return chosen
+    train = [r for r in chosen if r["split"] != "test"]
+    if not train:
+        raise CorpusError(f"every stored clip of generator(s) {', '.join(generators)} is in the test split: nothing to "
+                          "learn from (clips dropped into the incoming folder are stored as train)")
+    return train
 
 
 def run(params: Params) -> dict:

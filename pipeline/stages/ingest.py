@@ -3,6 +3,11 @@
 The incoming folder's layout says what each file is: `<incoming>/<human|ai>/<generator>/...`
 (human files may sit directly under `human/`). Files already in the store are skipped, so the
 stage can run on the same folder again; nothing under `incoming` is moved or modified.
+
+Incoming AI clips are the retrain's training samples: stored in the train split, and judged
+leave-one-file-out (a hash split would hide one of two clips from training in 4 draws of 10). Human
+clips keep the hash split, whose test part calibrates and judges. Held-out clips of a new generator
+are ingested with `aivoice ingest DIR --split test`: never trained on, scored by the candidate.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ def incoming_items(incoming: Path) -> list[tuple[Path, ClipInfo]]:
         for path in find_audio([incoming / label]) if (incoming / label).is_dir() else []:
             rel = path.relative_to(incoming / label).parts
             generator = "human" if label == "human" else (rel[0] if len(rel) > 1 else "unknown")
-            items.append((path, ClipInfo(label=label, generator=generator)))
+            items.append((path, ClipInfo(label=label, generator=generator, split="train" if label == "ai" else "")))
     return items
 
 

@@ -249,14 +249,14 @@ def cache_inputs(model: Detector, waves: np.ndarray, params: Params, upto: str, 
 
 @torch.no_grad()
 def teacher_outputs(model: Detector, x: torch.Tensor, device, upto: str = "layer3") -> dict[str, torch.Tensor]:
-    """Production's log-probabilities of the language and speakers heads on cached inputs (layer3 outputs,
-    or front-end outputs with upto="input")."""
+    """Production's log-probabilities of every head on cached inputs (layer3 outputs, or front-end outputs
+    with upto="input")."""
     model = model.to(device).eval()
     parts = []
     for i in range(0, len(x), 64):
         xb = x[i:i + 64].to(device)
         emb = model.trunk.from_layer3(xb) if upto == "layer3" else model.trunk(xb)
-        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items() if k != "ai"})
+        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -321,8 +321,9 @@ def train_adapter(model: Detector, cached: torch.Tensor, data: Data, train_mask:
     w_tr = loss_weights(seg.labels[train_mask], is_new[train_mask], cfg.new_share)
     w_va = loss_weights(seg.labels[val_mask], is_new[val_mask], cfg.new_share).to(device)
     teacher = None
-    if adapter.other_heads is not None and cfg.distill_weight:
+    if adapter.other_heads is not None and (cfg.distill_weight or cfg.distill_ai):
         teacher = teacher_outputs(model, x_tr, device, "input" if cfg.recipe == "input_layers" else "layer3")
+    replay = torch.from_numpy(~is_new[train_mask])
     gen = torch.Generator().manual_seed(cfg.seed)
     best, best_key, history, stale = None, (float("inf"), float("inf")), [], 0
     for epoch in range(1, cfg.epochs + 1):
@@ -337,6 +338,11 @@ def train_adapter(model: Detector, cached: torch.Tensor, data: Data, train_mask:
                 loss = loss + cfg.distill_weight * sum(
                     F.kl_div(F.log_softmax(h(emb), -1), teacher[k][idx].to(device), reduction="batchmean", log_target=True)
                     for k, h in adapter.other_heads.items())
+                old = replay[idx].to(device)
+                if cfg.distill_ai and old.any():   # learning without forgetting: replay keeps production's ai output
+                    loss = loss + cfg.distill_ai * F.kl_div(F.log_softmax(adapter.head(emb[old]), -1),
+                                                            teacher["ai"][idx][old.cpu()].to(device),
+                                                            reduction="batchmean", log_target=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,9 +1,10 @@
 """Validation: the candidate AND the production model on the same held-out data, and the gates.
 
 Held-out data: the store's `test` split (humans never trained on, earlier AI generators) less the
-humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is judged on the new files leave-one-file-out (each scored by a
-candidate made without it, at that candidate's own calibrated threshold: pipeline.training.finetune);
-production scores them directly. Every rate carries its count and 95 % Wilson interval.
+humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is
+judged on the new files it trained on leave-one-file-out (each scored by a candidate made without it,
+at that candidate's own calibrated threshold: pipeline.training.finetune), and on the new generator's
+test-split files (never trained on) directly; production scores them all directly. Every rate carries its count and 95 % Wilson interval.
 
 The verdict is `passed`, `failed`, or `insufficient evidence` (fewer new files or calibration humans
 than the gates need: it says what is missing). Candidate and production are compared at the same human
@@ -140,10 +141,13 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     for name, model in (("candidate", candidate), ("production", production)):
         kept, scores, results = score_clips(model, test, params)
         thr = model.meta.threshold
-        if name == "candidate":   # each new file as scored by the candidate made without it, at its own threshold
-            new_kept = [c for c in new if c.sha256 in lofo]
-            new_scores = [lofo[c.sha256]["score"] for c in new_kept]
-            caught = [lofo[c.sha256]["caught"] for c in new_kept]
+        if name == "candidate":   # each new file as scored by a candidate that never trained on it
+            held = [c for c in new if c.sha256 not in lofo and c.split == "test"]
+            new_kept, held_scores, _ = score_clips(model, held, params)
+            new_kept = [c for c in new if c.sha256 in lofo] + new_kept
+            new_scores = [lofo[c.sha256]["score"] for c in new_kept if c.sha256 in lofo] + held_scores
+            caught = [lofo[c.sha256]["caught"] for c in new_kept if c.sha256 in lofo] + [s >= thr for s in held_scores]
+            held_out = dict(zip([c.sha256 for c in new_kept], new_scores))
         else:
             new_kept, new_scores, _ = score_clips(model, new, params)
             caught = [s >= thr for s in new_scores]
@@ -163,7 +167,7 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     cand, prod = out["candidate"], out["production"]
     agree = {h: float(np.mean([a == b for a, b in zip(cand[h], prod[h])])) for h in ("language", "speakers")}
     frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"])
-    evidence = {"new_files": len(lofo), "calibration_humans": finetune_report["calibration"]["n_humans"],
+    evidence = {"new_files": cand["n_new"], "calibration_humans": finetune_report["calibration"]["n_humans"],
                 "calibration_sources": finetune_report["calibration"].get("n_sources"), "test_humans": cand["fpr"]["n"],
                 "test_ai": cand["recall"]["n"]}
     key = gate_data_key(test, new)
@@ -171,9 +175,12 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     _, seen, _ = score_clips(candidate, new, params)
     before_after = [{"file": c.sha256[:16], "generator": c.generator, "production": round(p, 4),
                      "candidate_trained_on_it": round(s, 4),
-                     "candidate_held_out": round(lofo[c.sha256]["score"], 4) if c.sha256 in lofo else None}
+                     "candidate_held_out": round(held_out[c.sha256], 4) if c.sha256 in held_out else None}
                     for c, p, s in zip(new, prod["new_scores"], seen)]
-    verdict |= {"threshold": cand["threshold"], "lofo_method": finetune_report["lofo"]["method"],
+    n_test_new = cand["n_new"] - len([f for f in held_out if f in lofo])
+    method = finetune_report["lofo"]["method"] + (f"; {n_test_new} test-split file(s) scored by the candidate"
+                                                   if n_test_new else "")
+    verdict |= {"threshold": cand["threshold"], "lofo_method": method,
                 "recipe": finetune_report.get("recipe"), "evidence": evidence, "gate_data": key,
                 "tries_on_gate_data": earlier_tries + 1, "head_agreement": agree, "before_after": before_after,
                 "operating_points": {"candidate": cand["operating_points"], "production": prod["operating_points"]}}
