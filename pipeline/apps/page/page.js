@@ -172,6 +172,8 @@ $("record").addEventListener("click", async () => {
     }
   };
   recorder.start();
+  $("result").hidden = true;
+  $("error").hidden = true;
   button.classList.add("on");
   button.textContent = "■ Stop";
   $("status").textContent = "recording … press Stop to score it";
