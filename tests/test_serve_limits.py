@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 import uvicorn
 
 from pipeline.io import registry
-from pipeline.config import load_params
+from pipeline.config import ParamsError, load_params
 from pipeline.apps.serve import create_app
 
 PARAMS = load_params("/nonexistent")
@@ -150,3 +151,16 @@ def test_requests_past_max_concurrent_get_503_at_once(champion_v1, speech_like):
         finished = held.getresponse()
         assert finished.status == 200, f"held upload: {finished.status} {finished.read()!r}"
         assert post(port, clip)[0] == 200, "after the held upload finished, a new one must be served"
+
+
+@pytest.mark.parametrize("key, bad", [("max_upload_mb", 0), ("max_duration_s", -1), ("max_concurrent", 0),
+                                      ("max_concurrent", 1.5)])
+def test_bad_limits_fail_at_load_time_naming_the_key(tmp_path, key, bad):
+    # given a params file with a limit that would refuse everything (or is not a count)
+    path = tmp_path / "params.yaml"
+    path.write_text(f"serve:\n  {key}: {bad}\n")
+    # then loading it fails naming the key, and the shipped params.yaml sets all three
+    with pytest.raises(ParamsError, match=rf"serve\.{key}"):
+        load_params(path)
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml").serve
+    assert (shipped.max_upload_mb, shipped.max_duration_s, shipped.max_concurrent) == (50.0, 600.0, 4)
