@@ -21,9 +21,10 @@ import yaml
 
 from pipeline.io import registry
 
-pytestmark = pytest.mark.integration
-
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="chromium and chromedriver not found (apt-get install chromium chromium-driver; `make setup` does)")]
 SCREENSHOT = os.environ.get("AIVOICE_PAGE_SCREENSHOT")   # also save the screenshot here (docs/img/scoring-page.png)
 SENTENCE = ("The detector scores each window of three seconds, so a long recording shows where the voice "
             "turns synthetic. This clip was spoken by a text to speech engine.")
@@ -31,8 +32,6 @@ SENTENCE = ("The detector scores each window of three seconds, so a long recordi
 
 @pytest.fixture
 def chromium_driver(tmp_path: Path, clip: Path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver not found (apt-get install chromium chromium-driver; `make setup` does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
