@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2
+APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2 chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps test test-unit test-integration demo ui bench clean
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) system-deps
 
-# Debian packages for the demo corpus and the tests' generated speech (root or sudo needed once).
+# Debian packages for the demo corpus, the tests' generated speech and the scoring page's browser test (root or sudo needed once).
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -299,11 +299,13 @@ class RegistryConfig(Section):
 
 
 class ServeConfig(Section):
-    """`aivoice serve`: bind address, upload limit, how often `champion` is re-checked, inference device."""
+    """`aivoice serve`: bind address, input limits, how often `champion` is re-checked, inference device."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    max_upload_mb: float = Field(50.0, gt=0)
+    max_upload_mb: float = Field(50.0, gt=0, description="request bodies are cut off past this, with or without Content-Length")
+    max_duration_s: float = Field(600.0, gt=0, description="decoded duration of one upload (50 MB of Opus is hours)")
+    max_concurrent: int = Field(4, gt=0, description="requests to /detect at once; more get 503 + Retry-After")
     refresh_s: float = Field(5.0, gt=0)
     device: str = "cpu"
 

@@ -115,6 +115,19 @@ def test_stream_audio_is_lazy_and_raises_when_iterated(tmp_path):
         next(gen)
 
 
+def test_max_duration_is_checked_from_the_header_before_decoding(tmp_path, speech_like):
+    # given an 8 s clip, when streamed with a 5 s cap (the service's serve.max_duration_s)
+    path = _write(tmp_path / "long.flac", speech_like(8.0, SR), SR, "flac")
+    gen = stream_audio(path, CFG, max_duration_s=5.0)
+    # then the first next() refuses it: no block is decoded first
+    with pytest.raises(AudioError) as info:
+        next(gen)
+    assert info.value.reason == "too long: 8.0 s (maximum 5 s)", f"reason: {info.value.reason}"
+    # and without a cap, or under it, the clip decodes whole
+    assert len(load_audio(path, CFG)) == 8 * SR
+    assert sum(len(b) for b in stream_audio(path, CFG, max_duration_s=8.5)) == 8 * SR
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.wav"
     path.write_bytes(b"")

@@ -65,6 +65,30 @@ def test_detect_scores_an_uploaded_wav(champion_v1, wav_bytes):
     assert body["path"] == "clip.wav" and body["error"] is None, f"verdict: {body}"
     assert body["model_version"] == champion_v1 and body["model_alias"] == "champion", f"verdict: {body}"
     assert len(body["windows"]) == 1, f"a 2 s clip is one 3 s window: {body['windows']}"
+    assert body["window_starts"] == [0.0] and body["duration_s"] == pytest.approx(2.0), f"timeline: {body}"
+
+
+def test_detect_gives_each_window_its_start(champion_v1, speech_like):
+    # given a 7.3 s clip (windows of 3 s every 1.5 s), when uploaded
+    buf = io.BytesIO()
+    sf.write(buf, speech_like(7.3, PARAMS.audio.sample_rate), PARAMS.audio.sample_rate, format="FLAC")
+    with TestClient(create_app(PARAMS)) as client:
+        body = detect(client, buf.getvalue(), "long.flac").json()
+    # then each window score comes with its start: every hop, and one flush with the end
+    assert body["window_starts"] == [0.0, 1.5, 3.0, 4.3], f"starts: {body['window_starts']}"
+    assert len(body["windows"]) == 4 and body["duration_s"] == pytest.approx(7.3), f"timeline: {body}"
+
+
+def test_page_and_model_give_the_champion_its_promotion(champion_v1):
+    # given a service whose champion was made champion at registration
+    with TestClient(create_app(PARAMS, max_duration_s=90.0)) as client:
+        page, script, model = client.get("/"), client.get("/static/page.js"), client.get("/model").json()
+    # then / is the scoring page, its script is served, and /model says when the champion was promoted
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"], f"/: {page.status_code}"
+    assert 'id="timeline"' in page.text and "/static/page.js" in page.text, "the page's canvas and script"
+    assert script.status_code == 200 and "/detect" in script.text, f"/static/page.js: {script.status_code}"
+    assert model["promotion"]["action"] == "promote" and model["promotion"]["at"], f"/model: {model}"
+    assert model["limits"] == {"max_upload_mb": 50.0, "max_duration_s": 90.0, "max_concurrent": 4}, f"/model: {model}"
 
 
 def test_oversized_uploads_get_413(champion_v1):
@@ -86,6 +110,7 @@ def test_non_audio_upload_gets_a_clear_422(champion_v1):
     assert response.status_code == 422, f"expected 422: {response.status_code} {response.text}"
     detail = response.json()["detail"]
     assert detail.startswith("notes.txt: ") and "audio" in detail, f"error message: {detail}"
+    assert "aivoice-upload" not in detail and "/tmp" not in detail, f"a server-side path leaked: {detail}"
 
 
 def test_champion_switch_without_failed_requests(mlflow_store, tiny_checkpoint, wav_bytes):

@@ -3,9 +3,17 @@
 FastAPI rather than `mlflow models serve`: MLflow's scoring server serves one fixed model URI (a moved
 alias needs a restart) and takes JSON/CSV frames, not audio uploads; here uploads go through the same
 streaming `detect_files` path as the CLI, and a new champion is swapped in while requests keep flowing.
+GET / is a scoring page (plain HTML/JS/CSS shipped in pipeline/apps/page, no build step) over the same API.
+
+Limits (serve.*): every request body is cut off past `max_upload_mb` as it arrives, whether or not it
+declares a Content-Length, so a chunked upload is never spooled whole; an upload longer than
+`max_duration_s` is refused from its header before decoding (and while decoding, for headers that lie);
+at most `max_concurrent` /detect requests run at once and the next gets 503 with Retry-After at once,
+rather than waiting in a queue.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -16,8 +24,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from pipeline.io import registry
 from pipeline.config import Params
@@ -26,6 +35,8 @@ from pipeline.core.scoring import Scorer
 
 log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024  # multipart framing around the file, allowed on top of the size limit
+PAGE_DIR = Path(__file__).with_name("page")  # the scoring page's static files (package data)
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Served:
     resolved: registry.Resolved
     threshold: float
     loaded_at: str
+    promotion: dict | None = None   # the version's latest promotion or rollback: at, by, reason, action
 
 
 class Champion:
@@ -54,8 +66,9 @@ class Champion:
                 return False
             model, resolved = registry.load_model(version, self.params, name=self.model_name)  # by number: no race
             scorer = Scorer(model, self.params.audio, self.device)
+            promotion = registry.describe_version(version, self.model_name)["promotion"]
             self.current = Served(scorer, replace(resolved, alias=registry.CHAMPION), model.meta.threshold,
-                                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                  datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion)
         log.info("serving %s v%d (%s)", self.model_name, version, resolved.checkpoint_path)
         return True
 
@@ -92,11 +105,14 @@ def _refresh_logged(champion: Champion) -> None:
 
 
 def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_s: float = 5.0,
-               max_upload_mb: float = 50.0, device: str = "cpu") -> FastAPI:
-    """The service: POST /detect (one audio file, multipart field `file`), GET /health, GET /model."""
+               max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
+               max_concurrent: int = 4) -> FastAPI:
+    """The service: GET / (scoring page), POST /detect (one audio file, multipart field `file`),
+    GET /health, GET /model."""
     champion = Champion(params, model_name, device)
     refresher = Refresher(champion, refresh_s)
     max_bytes = int(max_upload_mb * 2**20)
+    limits = {"max_upload_mb": max_upload_mb, "max_duration_s": max_duration_s, "max_concurrent": max_concurrent}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -107,13 +123,17 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
 
     app = FastAPI(title="ai-voice-detector", lifespan=lifespan)
     app.state.champion = champion
+    app.add_middleware(RequestLimits, max_body=max_bytes + _MULTIPART_SLACK, max_upload_mb=max_upload_mb,
+                       max_concurrent=max_concurrent, bounded=("/detect",))
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
 
-    @app.middleware("http")
-    async def limit_upload(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if request.url.path == "/detect" and declared and declared.isdigit() and int(declared) > max_bytes + _MULTIPART_SLACK:
-            return JSONResponse({"detail": f"upload too large (limit {max_upload_mb:g} MB)"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc: BodyTooLarge) -> JSONResponse:  # close: the rest of the body is not read
+        return JSONResponse({"detail": exc.detail}, status_code=413, headers={"Connection": "close"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -127,7 +147,7 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
         served = _served(champion)
         return {"name": model_name, "version": served.resolved.version, "alias": served.resolved.alias,
                 "threshold": served.threshold, "checkpoint": str(served.resolved.checkpoint_path),
-                "loaded_at": served.loaded_at}
+                "loaded_at": served.loaded_at, "promotion": served.promotion, "limits": limits}
 
     @app.post("/detect")
     def detect(file: UploadFile = File(...)) -> dict:  # sync: scoring is CPU-bound and runs in the threadpool
@@ -137,13 +157,77 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
             path = Path(tmp) / f"upload{_suffix(name)}"
             _save_upload(file, path, max_bytes, max_upload_mb)
             found = next(detect_files([path], served.scorer, params, served.threshold,
-                                      model_name=f"{model_name}/{served.resolved.version}"))
+                                      model_name=f"{model_name}/{served.resolved.version}",
+                                      max_duration_s=max_duration_s))
         refresher.wake()
-        if found.error:
-            raise HTTPException(422, f"{name}: {found.error}")
+        if found.error:  # libsndfile's messages quote the file: name the upload, never the temporary path
+            raise HTTPException(422, f"{name}: {found.error.replace(str(path), name)}")
         return asdict(found) | {"path": name, "model_version": served.resolved.version, "model_alias": served.resolved.alias}
 
     return app
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once a body passes the cap; an HTTPException, so FastAPI answers 413 with it."""
+
+
+class RequestLimits:
+    """ASGI middleware: counts each request body as it arrives and stops reading it past `max_body`
+    (a declared Content-Length over it is refused before reading), and lets at most `max_concurrent`
+    requests to the `bounded` paths run at once (the next ones get 503 + Retry-After immediately)."""
+
+    def __init__(self, app, *, max_body: int, max_upload_mb: float, max_concurrent: int,
+                 bounded: tuple[str, ...]) -> None:
+        self.app, self.max_body, self.max_concurrent, self.bounded = app, max_body, max_concurrent, bounded
+        self.too_large = f"upload too large (limit {max_upload_mb:g} MB)"
+        self.active = 0   # only touched on the event loop
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await _reply(send, 413, self.too_large)
+            return
+        bounded = scope["path"] in self.bounded
+        if bounded and self.active >= self.max_concurrent:
+            await _reply(send, 503, f"busy: {self.active} requests in progress (serve.max_concurrent = "
+                                    f"{self.max_concurrent}); retry in {RETRY_AFTER_S} s",
+                         [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            return
+        received, started = 0, False
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(413, self.too_large)
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.active += bounded
+        try:
+            await self.app(scope, capped_receive, watched_send)
+        except BodyTooLarge:   # raised outside a route's error handling: answer here if nothing was sent
+            if not started:
+                await _reply(send, 413, self.too_large)
+        finally:
+            self.active -= bounded
+
+
+async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _served(champion: Champion) -> Served:
@@ -171,8 +255,10 @@ def _save_upload(file: UploadFile, path: Path, max_bytes: int, max_upload_mb: fl
 
 
 def serve(params: Params, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = registry.DEFAULT_NAME,
-          refresh_s: float = 5.0, max_upload_mb: float = 50.0, device: str = "cpu") -> None:
+          refresh_s: float = 5.0, max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
+          max_concurrent: int = 4) -> None:
     """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields)."""
     import uvicorn
 
-    uvicorn.run(create_app(params, model_name, refresh_s, max_upload_mb, device), host=host, port=port, log_level="info")
+    app = create_app(params, model_name, refresh_s, max_upload_mb, device, max_duration_s, max_concurrent)
+    uvicorn.run(app, host=host, port=port, log_level="info")

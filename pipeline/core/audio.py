@@ -94,14 +94,19 @@ def audio_info(path: str | Path) -> sf._SoundFileInfo:
         raise AudioError(path, f"not a readable audio file ({_short(exc)})") from None
 
 
-def stream_audio(path: str | Path, cfg: AudioConfig) -> Iterator[np.ndarray]:
+def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | None = None) -> Iterator[np.ndarray]:
     """Yield mono float32 blocks at cfg.sample_rate; raise AudioError for unusable input.
 
     The minimum-duration and silence checks need the whole file, so they raise after the last
     block: callers that act on blocks as they come must be ready to discard their work.
+    `max_duration_s` (the service's cap) is checked from the header before any decoding, and
+    again while decoding, for headers that understate the length.
     """
     info = audio_info(path)
+    if max_duration_s is not None and info.frames / info.samplerate > max_duration_s:
+        raise AudioError(path, _too_long(info.frames / info.samplerate, max_duration_s))
     block = max(1, round(cfg.block_s * info.samplerate))
+    max_frames = None if max_duration_s is None else max_duration_s * info.samplerate
     n_in, peak = 0, 0.0
 
     def mono_blocks() -> Iterator[np.ndarray]:
@@ -130,6 +135,8 @@ def stream_audio(path: str | Path, cfg: AudioConfig) -> Iterator[np.ndarray]:
                 peak = max(peak, float(np.abs(mono).max()))
                 parts.append(mono)
                 n_parts += len(mono)
+                if max_frames is not None and n_in + n_parts > max_frames:
+                    raise AudioError(path, _too_long((n_in + n_parts) / info.samplerate, max_duration_s, "over "))
                 if n_parts >= block:
                     n_in += n_parts
                     yield np.concatenate(parts)
@@ -192,6 +199,10 @@ def find_audio(paths: list[str | Path]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def _too_long(seconds: float, limit: float, prefix: str = "") -> str:
+    return f"too long: {prefix}{seconds:.1f} s (maximum {limit:g} s)"
 
 
 def _short(exc: Exception) -> str:

@@ -555,3 +555,10 @@ def export_champion(path: str | Path, name: str = DEFAULT_NAME) -> Resolved:
 def _same_bytes(a: Path, b: Path) -> bool:
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)
+
+
+def describe_version(version: int | str, name: str = DEFAULT_NAME) -> dict:
+    """One version as `list_versions` describes it (aliases, validation, latest promotion or rollback)."""
+    client = tracking.configure()
+    mv = _version(client, name, int(version))
+    return _describe(mv, sorted(alias for alias, v in aliases(name).items() if v == int(mv.version)))
