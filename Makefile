@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2
+APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2 chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-deps test test-unit test-integration demo ui bench clean
