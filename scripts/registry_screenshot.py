@@ -83,7 +83,7 @@ def screenshots(uri: str, out: Path, model: str) -> list[Path]:
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
         options.add_argument(arg)
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     driver = None
@@ -108,6 +108,7 @@ def screenshots(uri: str, out: Path, model: str) -> list[Path]:
         for name, (url, expect) in pages.items():
             driver.get(url)
             WebDriverWait(driver, 60).until(lambda d: expect in d.find_element(By.TAG_NAME, "body").text)
+            _close_side_panels(driver, By)
             time.sleep(1.5)   # let fonts and lazy parts settle
             driver.save_screenshot(str(out / name))
             written.append(out / name)
@@ -117,6 +118,16 @@ def screenshots(uri: str, out: Path, model: str) -> list[Path]:
             driver.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def _close_side_panels(driver, by) -> None:
+    """Close the UI's assistant side panel, if shown, so the registry page gets the width."""
+    for button in driver.find_elements(by.CSS_SELECTOR, "button[aria-label*='lose']"):
+        try:
+            if button.is_displayed() and button.location["x"] > 1000:
+                button.click()
+        except Exception:  # noqa: BLE001 - a panel that went away or re-rendered: nothing to close
+            pass
 
 
 def main() -> None:

@@ -100,9 +100,8 @@ def register_candidate(params: Params, run_id: str, metrics: dict, verdict: dict
             status=verdict["status"], base_version=base_version, description=description,
             tags={"eer": f"{cand['eer']:.4f}", "auc": f"{cand['auc']:.4f}", "human_fpr": f"{cand['fpr']:.4f}",
                   "new_gen_recall": f"{cand['new_recall']:.4f}", "failed_gates": ",".join(failed) or "none",
-                  "source": "finetune", "gate_data": verdict["gate_data"],
-                  "tries_on_gate_data": str(verdict["tries_on_gate_data"]), "recipe": str(verdict.get("recipe")),
-                  "missing_evidence": ",".join(_missing(verdict["evidence"], cfg.gates)) or "none"})
+                  "source": "finetune", "gate_data": verdict["gate_data"], "recipe": str(verdict.get("recipe"))}
+            | ({"missing_evidence": ",".join(missing)} if (missing := _missing(verdict["evidence"], cfg.gates)) else {}))
     return {"model_version": version, "mlflow_run_id": run_id, "base_version": base_version}
 
 

@@ -68,7 +68,7 @@ def _figure(name: str, gate: dict, metrics: dict) -> str:
 
 def describe_base(how: str, *, data_hash: str, figures: list[str]) -> str:
     """A base model (bootstrap, imported checkpoint): how it was made, on which data, what it measured."""
-    return f"Base model {how} (data {data_hash[:8] or 'unknown'}), not judged by gates" + \
+    return f"Base model {how}, data {data_hash[:8] or 'unknown'}, not judged by gates" + \
         (": " + "; ".join(figures) if figures else "")
 
 
