@@ -25,7 +25,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
@@ -138,8 +138,12 @@ def promote(verdict: dict, mode: str, reason: str, model_name: str) -> dict:
 
 @task(name="report", cache_policy=NO_CACHE)
 def publish_report(summary: dict, verdict: dict, metrics: dict, tables: dict) -> None:
-    """A markdown artifact (verdict, promotion, links, gates, metrics, before/after) and a table artifact
-    (per-generator metrics of the candidate), both attached to this flow run."""
+    """A link artifact to the version's model report (logged to its MLflow run), a markdown artifact (verdict,
+    promotion, links, gates, metrics, before/after) and a table artifact (per-generator metrics of the
+    candidate), all attached to this flow run."""
+    if link := _report_link(summary["tracking_uri"], verdict.get("report")):
+        create_link_artifact(link=link, link_text=f"model report of v{summary['model_version']}", key="retrain-model-report",
+                             description=f"v{summary['model_version']}: report.html in its MLflow run's artifacts (report/)")
     create_markdown_artifact(markdown=_markdown(summary, verdict, metrics), key="retrain-report",
                              description=f"retrain: v{summary['model_version']} {summary['promotion']['action']}")
     per_gen = (tables.get("candidate") or {}).get("per_generator") or {}
@@ -201,9 +205,12 @@ def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
     if not s["verdict_is_fresh"]:
         lines += ["_The validate stage was skipped (inputs unchanged): this verdict is from an earlier run._", ""]
     run_link = _mlflow_run_link(s["tracking_uri"], s["mlflow_run_id"])
+    report = _report_link(s["tracking_uri"], verdict.get("report"))
     lines += [
         f"- Prefect flow run: `{s['flow_run_id']}` (tagged `prefect_flow_run_id` on the MLflow run)",
         f"- MLflow run: {run_link}; registered version: v{s['model_version']}",
+        f"- model report: [report.html]({report}) (`aivoice report {s['model_version']}` rebuilds it)" if report
+        else "- model report: none (the verdict predates reports)",
         f"- champion before this run: v{s['champion_before']}",
         "- stages: " + ", ".join(f"{k} {'ran' if ran else 'skipped'}" for k, ran in s["stages"].items()),
         f"- recipe: {verdict.get('recipe')}; evidence: {verdict.get('evidence')}; candidates judged on this gate data: "
@@ -240,6 +247,16 @@ def _without_credentials(uri: str) -> str:
     if parts.username or parts.password:
         return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
     return uri
+
+
+def _report_link(uri: str, report: dict | None) -> str | None:
+    """The report in the MLflow UI when a tracking server is used, else its artifact file."""
+    if not report:
+        return None
+    if uri.startswith(("http://", "https://")):
+        return (f"{uri.rstrip('/')}/#/experiments/{report['experiment_id']}/runs/{report['mlflow_run_id']}"
+                "/artifactPath/report/report.html")
+    return report["artifact_uri"]
 
 
 def _mlflow_run_link(uri: str, run_id: str | None) -> str:

@@ -287,6 +287,7 @@ class ValidateConfig(Section):
     tables: str = Field("reports/tables.json", description="per-generator and per-source tables of both models")
     verdict: str = "reports/verdict.json"
     plots: str = "reports/plots"
+    report: str = Field("reports/report.html", description="the registered version's report (its PNGs go to plots)")
     gates: GatesConfig = GatesConfig()
 
 

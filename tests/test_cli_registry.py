@@ -34,6 +34,10 @@ def test_cli_registry_round_trip(mlflow_store, tiny_checkpoint, params_file, cli
     # given an imported checkpoint: it becomes v1 and champion
     assert main(["--params", str(params_file), "import-checkpoint", str(base), "--out", str(tmp_path / "v1.pt")]) == 0
     assert "registered ai-voice-detector v1" in capsys.readouterr().out
+    imported = registry.model_version(1)
+    assert imported.description.startswith(f"Base model imported from {base.name}") and "tensors mapped" in \
+        imported.description, f"the import reads as one line in the registry: {imported.description!r}"
+    assert imported.tags["source"] == "import" and imported.tags["imported_from"] == base.name, imported.tags
     v1 = _detect(capsys, params_file, clip)
     assert v1["model"] == "ai-voice-detector v1 (@champion)", f"detect names the version it served: {v1['model']}"
     # when a second version that failed validation is registered, promotion is refused without --force

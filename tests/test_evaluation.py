@@ -86,6 +86,9 @@ def test_bootstrap_with_lso_tags_the_version(small_corpus, tiny_params, tmp_path
     version = registry.list_versions(tiny_params.registry.model_name)[0]
     tags = tracking.configure().get_model_version(tiny_params.registry.model_name, str(version["version"])).tags
     assert {"lso_pooled_eer", "lso_matched_pair_eer", "lso_folds", "lso_run_id"} <= set(tags), tags
+    line = registry.model_version(version["version"], tiny_params.registry.model_name).description
+    assert line.startswith("Base model trained by bootstrap on") and "EER" in line and "leave-sources-out" in line \
+        and "\n" not in line, f"the bootstrap version reads as one line: {line!r}"
     assert version["threshold"] is not None and 0 < version["threshold"] < 1, "bootstrap registers a calibrated threshold"
 
 

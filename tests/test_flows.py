@@ -243,6 +243,9 @@ def test_retrain_with_a_failed_gate_promotes_nothing(project):
         assert reason in report, f"the report names the failed gate {reason!r}"
     assert summary["mlflow_run_id"] in report and "v2" in report, "the report names the MLflow run and the version"
     assert "retrain-per-generator" in arts, "per-generator metrics are a table artifact"
+    link = arts["retrain-model-report"].data
+    assert f"/{summary['mlflow_run_id']}/artifacts/report/report.html" in link, f"links the version's report: {link}"
+    assert "report.html" in report, "the markdown report links it too"
     assert run_tags(summary["mlflow_run_id"]).get("prefect_flow_run_id") == str(flow_run_id), \
         "the candidate's MLflow run is tagged with the flow run that made it"
     # and a re-run with nothing new skips every stage and registers nothing

@@ -10,7 +10,7 @@ from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
 # commands that only talk to the registry or start other programs: no torch work, so no thread setting
-_NO_COMPUTE = frozenset({"promote", "rollback", "models", "export-champion", "ui", "schedule"})
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule"})
 
 
 def _cmd_detect(args, params) -> int:
@@ -118,7 +118,13 @@ def _cmd_import(args, params) -> int:
     out = Path(args.out or f"models/imported-{Path(args.file).stem}.pt")
     save_checkpoint(model, out)
     print(report.describe())
-    version = registry.register(out, name=params.registry.model_name, tags={"source": f"import of {args.file}"},
+    from pipeline.training.report import describe_base
+
+    matched = f"{len(report.mapped)} tensors mapped, {len(report.missing)} missing, {len(report.unexpected)} unexpected"
+    description = describe_base(f"imported from {Path(args.file).name} by import-checkpoint",
+                                data_hash=model.meta.data_hash, figures=[matched, f"threshold {model.meta.threshold:.3f}"])
+    version = registry.register(out, name=params.registry.model_name, description=description,
+                                tags={"source": "import", "imported_from": Path(args.file).name},
                                 base=True)   # an adopted base model: champion when the registry has none
     print(f"imported {args.file} -> {out}, registered {params.registry.model_name} v{version}")
     return 0
@@ -187,6 +193,15 @@ def _cmd_models(args, params) -> int:
     for e in registry.history(name):
         print(f"  {e['at']}  {e['action']:<8} v{e['version']} (was v{e['previous'] or '-'})  {e['user']}: {e['reason']}"
               + ("  [forced]" if e["forced"] else ""))
+    return 0
+
+
+def _cmd_report(args, params) -> int:
+    from pipeline.io import version_report
+
+    out = args.out or Path("reports") / "versions" / f"v{args.version}"
+    written = version_report.write(args.version, out, params.registry.model_name)
+    print(f"{params.registry.model_name} v{args.version}: {written['html']} (pictures in {written['det'].parent})")
     return 0
 
 
@@ -338,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="registered versions, aliases, key metrics, gates and promotion history")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("report", help="rebuild a version's report (HTML with embedded pictures, PNGs) from its MLflow run")
+    p.add_argument("version", type=int)
+    p.add_argument("--out", type=Path, help="folder for report.html and plots/ (default: reports/versions/v<VERSION>)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("export-champion", help="write the champion's checkpoint to a file (the DVC pipeline's production model)")
     p.add_argument("path", nargs="?", default="models/production.pt", type=Path)

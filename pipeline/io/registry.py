@@ -87,10 +87,13 @@ class Resolved:
 
 def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | None = None,
              gates_passed: bool | None = None, status: str | None = None, name: str = DEFAULT_NAME,
-             experiment: str | None = None, base: bool = False, base_version: int | None = None) -> int:
+             experiment: str | None = None, base: bool = False, base_version: int | None = None,
+             description: str | None = None) -> int:
     """Log the checkpoint as a pyfunc model in a run (`run_id`, the active run, or a new one in `experiment`),
     register it as a new version of `name` with lineage and validation tags, and return its number. The
     checkpoint file is stored once, as the model's artifact. Tag `failed_gates` to name them in refusals.
+    Tags stay short and machine-readable; `description` is the one line a person reads in the MLflow UI
+    (what made the version, on which data, its verdict and the figures that decided it).
 
     `status` (e.g. "insufficient evidence") overrides the passed/failed of `gates_passed` in the
     `validation_status` tag; only "passed" can be promoted without force.
@@ -118,6 +121,8 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
         mlflow.set_tags(lineage)
         model_uri = tracking.log_checkpoint_model(ckpt_path)
     version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
+    if description:
+        client.update_model_version(name, str(version), description=description)
     with _registry_lock(client):
         current = _complete_pending(client, name)
         if CHAMPION not in current:
@@ -246,13 +251,18 @@ def count_versions(tag: str, value: str, name: str = DEFAULT_NAME) -> int:
 
 def list_versions(name: str = DEFAULT_NAME) -> list[dict]:
     """Every version, oldest first: aliases, creation time, validation status, threshold, metrics,
-    lineage and its latest promotion (None if never champion)."""
+    lineage, its latest promotion (None if never champion) and its description."""
     client = tracking.configure()
     by_version: dict[int, list[str]] = defaultdict(list)
     for alias, v in aliases(name).items():
         by_version[v].append(alias)
     found = client.search_model_versions(f"name = '{name}'")
     return [_describe(mv, sorted(by_version[int(mv.version)])) for mv in sorted(found, key=lambda m: int(m.version))]
+
+
+def model_version(version: int, name: str = DEFAULT_NAME) -> ModelVersion:
+    """One registered version (tags, description, run id); RegistryError when there is none."""
+    return _version(tracking.configure(), name, int(version))
 
 
 def resolve(ref: str | int | None = None, name: str = DEFAULT_NAME) -> Resolved:
@@ -444,7 +454,7 @@ def _describe(mv: ModelVersion, version_aliases: list[str]) -> dict:
         "threshold": float(tags["threshold"]) if "threshold" in tags else None,
         "metrics": {k: float(tags[k]) for k in METRIC_TAGS if k in tags},
         "lineage": {k: tags.get(k, "") for k in ("git_commit", "git_dirty", "data_hash", "params_hash")},
-        "promotion": promotion,
+        "promotion": promotion, "description": mv.description or "",
     }
 
 

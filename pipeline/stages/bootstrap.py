@@ -20,6 +20,7 @@ from pipeline.stages import evaluate
 from pipeline.config import Params, apply_threads, load_params
 from pipeline.core.data import LABELS
 from pipeline.training.plots import write_plots
+from pipeline.training.report import describe_base
 from pipeline.training.train import bootstrap
 
 
@@ -51,8 +52,22 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
         version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
                                     base=True, tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
                                                      "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap",
-                                                     "split_by": params.train.split_by} | lso_tags)
+                                                     "split_by": params.train.split_by} | lso_tags,
+                                    description=describe(result, corpus, lso_result))
     return result | {"model_version": version, "mlflow_run_id": active.info.run_id, "lso": lso_result}
+
+
+def describe(result: dict, corpus: str | Path, lso_result: dict | None) -> str:
+    """The version's one line in the registry: how it was trained, on what, and what it measured."""
+    val, cal = result["validation"]["overall"], result["calibration"]
+    figures = [f"EER {val['eer']:.3f} on {result['n_val']} clips of {len(result['val_sources'])} held-out "
+               f"{result['split_by']}s",
+               f"threshold {cal['threshold']:.3f} at {cal['target_fpr']:.0%} FPR on {cal['n_humans']} humans"]
+    if lso_result:
+        figures.append(f"leave-sources-out pooled EER {lso_result['summary']['pooled_eer']['mean']:.3f} "
+                       f"({lso_result['k']} folds)")
+    how = f"trained by bootstrap on {corpus} ({result['n_train']} clips, {result['n_twins']} of them twins)"
+    return describe_base(how, data_hash=result["data_hash"], figures=figures)
 
 
 def main(argv: list[str] | None = None) -> int:

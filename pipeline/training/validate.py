@@ -161,6 +161,8 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
             "new_recall": rate(int(sum(caught)), len(caught)), "n_test": len(kept), "n_new": len(new_kept),
             "operating_points": operating_points(humans, np.array(new_scores), earlier, gates.operating_points),
             "tables": tables, "scores": scores, "new_scores": new_scores, "labels": [c.label for c in kept],
+            "sources": [c.source for c in kept], "generators": [c.generator for c in kept],
+            "new_generators": [c.generator for c in new_kept],
             "language": [r.language for r in results], "speakers": [r.speakers for r in results],
             "head_accuracy": head_accuracy(kept, results, model.meta.languages),
         }
