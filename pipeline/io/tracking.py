@@ -37,7 +37,7 @@ DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
 CACHE_DIR_ENV = "AIVOICE_CACHE_DIR"
 CHECKPOINT_ARTIFACT = "checkpoint"
-_PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
+_PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "soxr", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
 
 
 def tracking_uri() -> str:
