@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline.io import registry, tracking
 from pipeline.config import load_params, params_hash
@@ -197,6 +198,35 @@ def test_logged_pyfunc_scores_arrays_and_files(mlflow_store, tiny_checkpoint, sp
     for out in (by_path, by_array):
         assert list(out.columns) == ["ai_score", "label", "error"], f"pyfunc output columns: {out.columns}"
         assert 0 <= out.loc[0, "ai_score"] <= 1 and out.loc[0, "label"] == "AI_GENERATED", f"pyfunc output: {out}"
+
+
+def test_pyfunc_is_logged_as_code_and_loads_without_unpickling(mlflow_store, tiny_checkpoint, shared_corpus,
+                                                               monkeypatch, caplog):
+    # given a checkpoint registered in a real sqlite store, and MLflow told to refuse pickled models
+    with caplog.at_level("WARNING", logger="mlflow"):
+        v1 = registry.register(tiny_checkpoint(seed=3, threshold=0.0), gates_passed=True)
+    assert not [r for r in caplog.records if "CloudPickle" in r.getMessage()], "logging pickles no Python object"
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    uri = f"models:/{registry.DEFAULT_NAME}/{v1}"
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path", "").endswith("pyfunc_model.py") and "python_model" not in flavor, flavor
+    assert not list(local.rglob("*.pkl")), f"no pickle in the logged model: {sorted(local.rglob('*.pkl'))}"
+    clip = next(shared_corpus / r["path"] for r in _manifest(shared_corpus)
+                if r["label"] == "human" and r["format"].startswith("WAV"))
+    # when it is loaded through MLflow's pyfunc and asked to score a real clip
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"audio_path": [str(clip)]}))
+    # then the clip is scored (at threshold 0, AI)
+    assert out.loc[0, "error"] is None and 0 <= out.loc[0, "ai_score"] <= 1, f"pyfunc output on {clip}: {out}"
+    assert out.loc[0, "label"] == "AI_GENERATED", f"threshold 0 calls every clip AI: {out}"
+
+
+def _manifest(root: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(root / "MANIFEST.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_flatten_params_names_sections_and_truncates():

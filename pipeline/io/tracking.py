@@ -5,8 +5,9 @@ store, artifacts go to `artifacts/` beside the database (so `mlruns/artifacts` b
 $AIVOICE_ARTIFACT_ROOT names another folder; a tracking server decides its own artifact root.
 Downloaded checkpoints are cached in `.cache/` beside a sqlite store ($AIVOICE_CACHE_DIR overrides).
 
-A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`) carrying the
-checkpoint file as its one artifact. Loading it needs this package installed, never the network.
+A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`, logged as models-from-code
+through `pyfunc_model.py`, not pickled) carrying the checkpoint file as its one artifact. Loading it needs
+this package installed, never the network.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
 CACHE_DIR_ENV = "AIVOICE_CACHE_DIR"
 CHECKPOINT_ARTIFACT = "checkpoint"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # models-from-code: MLflow runs it on load
 _PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "soxr", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
 
 
@@ -205,7 +207,7 @@ def log_checkpoint_model(ckpt_path: str | Path, name: str = "model") -> str:
     """Log a checkpoint as a pyfunc LoggedModel (in the active run, if any); returns its `models:/<model_id>` URI."""
     example = pd.DataFrame({"audio": [np.sin(np.arange(1200, dtype=np.float32) * 0.1).round(4).tolist()]})
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=DetectorPyfunc(), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_path)},
+        name=name, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_path)},
         signature=SIGNATURE, input_example=example, pip_requirements=_pinned_requirements(),
     )
     return info.model_uri
