@@ -45,14 +45,19 @@ def test_first_registered_base_becomes_champion_with_lineage_tags(mlflow_store, 
     # then it is champion, promoted as the first model, and carries lineage and validation tags
     assert registry.aliases() == {CHAMPION: v1}, f"first version should be champion only: {registry.aliases()}"
     tags = tracking.configure().get_model_version(registry.DEFAULT_NAME, str(v1)).tags
-    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"]), f"git_commit tag: {tags.get('git_commit')!r}"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == commit, f"MLflow's own commit tag on the version: {tags}"
+    assert "git_commit" not in tags, f"no home-made copy of the commit tag: {tags}"
     assert tags["git_dirty"] in ("true", "false", "unknown"), f"git_dirty tag: {tags.get('git_dirty')!r}"
     assert tags["data_hash"] == "data-1", f"data_hash should come from the checkpoint: {tags}"
     assert tags["params_hash"] == params_hash(PARAMS), f"params_hash should come from the checkpoint: {tags}"
     assert tags["validation_status"] == "none" and tags["threshold"] == "0.42", f"validation tags: {tags}"
     assert tags["owner"] == "ci" and tags["promotion_reason"] == "first model", f"given/promotion tags: {tags}"
+    run = mlflow.get_run(tracking.configure().get_model_version(registry.DEFAULT_NAME, str(v1)).run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == commit, f"and on its run: {run.data.tags}"
     [info] = registry.list_versions()
     assert info["metrics"] == {"eer": 0.12} and info["threshold"] == 0.42, f"list_versions: {info}"
+    assert info["lineage"]["git_commit"] == commit, f"list_versions reads the commit: {info['lineage']}"
     assert info["promotion"]["reason"] == "first model" and info["promotion"]["by"], f"promotion info: {info}"
     assert [e["action"] for e in registry.history()] == ["promote"], f"history: {registry.history()}"
 
@@ -103,6 +108,23 @@ def test_forced_promotion_needs_a_reason_and_is_recorded(mlflow_store, tiny_chec
     assert tags["forced"] == "true" and tags["promotion_reason"] == "hotfix for incident 42", f"tags: {tags}"
     last = registry.history()[-1]
     assert last["forced"] and last["user"] == "bob" and last["version"] == v2, f"history entry: {last}"
+    client = tracking.configure()
+    [event] = client.search_runs([client.get_experiment_by_name(f"{registry.DEFAULT_NAME}-registry-events").experiment_id],
+                                 filter_string="tags.forced = 'True'")
+    assert event.data.tags["mlflow.user"] == "bob" and "user" not in event.data.tags, (
+        f"the event run's user is MLflow's own tag (the UI's user column): {event.data.tags}")
+
+
+def test_history_reads_events_logged_with_the_old_user_tag(mlflow_store, tiny_checkpoint):
+    # given an event run from before MLflow's user tag was used (its user in a home-made `user` tag)
+    registry.register(tiny_checkpoint(seed=1), base=True)
+    client = tracking.configure()
+    exp = client.get_experiment_by_name(f"{registry.DEFAULT_NAME}-registry-events").experiment_id
+    [run] = client.search_runs([exp])
+    client.delete_tag(run.info.run_id, "mlflow.user")
+    client.set_tag(run.info.run_id, "user", "carol")
+    # then history still names its user
+    assert registry.history()[0]["user"] == "carol", f"old event runs keep their user: {registry.history()}"
 
 
 def test_rollback_restores_the_previous_version_and_its_exact_predictions(mlflow_store, tiny_checkpoint, tmp_path):

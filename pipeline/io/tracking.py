@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
@@ -147,11 +148,22 @@ def flatten_params(params: BaseModel) -> dict[str, str]:
 
 
 def lineage_tags(*, params_hash: str = "", data_hash: str = "", repo: str | Path = ".") -> dict[str, str]:
-    """git_commit ("unknown" outside git or before the first commit), git_dirty, params_hash, data_hash."""
+    """MLflow's own `mlflow.source.git.commit` (the UI shows it; left out outside git or before the first
+    commit, as MLflow does), git_dirty ("unknown" outside git), params_hash, data_hash.
+
+    Set explicitly because MLflow derives its commit from the entry script's folder, which for the
+    `aivoice` console script is the virtualenv, not this repository."""
     commit = _git(repo, "rev-parse", "HEAD")
     status = _git(repo, "status", "--porcelain")
     dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git_commit": commit or "unknown", "git_dirty": dirty, "params_hash": params_hash, "data_hash": data_hash}
+    return ({MLFLOW_GIT_COMMIT: commit} if commit else {}) | {"git_dirty": dirty, "params_hash": params_hash,
+                                                              "data_hash": data_hash}
+
+
+def git_commit(tags: dict[str, str]) -> str:
+    """The commit a run or version was made from: MLflow's tag, or `git_commit` (before MLflow's tag was
+    used); "unknown" when neither is there."""
+    return tags.get(MLFLOW_GIT_COMMIT) or tags.get("git_commit") or "unknown"
 
 
 def _git(repo: str | Path, *args: str) -> str | None:
