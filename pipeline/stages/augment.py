@@ -21,6 +21,7 @@ from pipeline.config import Params
 from pipeline.core.data import CorpusError
 from pipeline.stages.common import stage_main
 from pipeline.io.store import read_manifest
+from pipeline.progress import progress
 
 INDEX = "index.csv"
 
@@ -47,7 +48,7 @@ def run(params: Params) -> dict:
     out.mkdir(parents=True)
     sr, seg = params.audio.sample_rate, params.audio.segment_samples
     index = []
-    for row in rows:
+    for row in progress(rows, desc="augment", unit="clip"):
         wave = load_audio(store / row["path"], params.audio)
         seed = int(row["sha256"][:8], 16)
         for i, copy in enumerate(augment_copies(wave, sr, cfg=params.augment, seed=seed, segment=seg)):
