@@ -19,9 +19,9 @@ from pipeline.core.audio import load_audio
 from pipeline.core.augment import augment_copies
 from pipeline.config import Params
 from pipeline.core.data import CorpusError
+from pipeline.progress import progress
 from pipeline.stages.common import stage_main
 from pipeline.io.store import read_manifest
-from pipeline.progress import progress
 
 INDEX = "index.csv"
 

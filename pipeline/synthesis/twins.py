@@ -29,10 +29,10 @@ from pipeline.config import TwinsConfig
 from pipeline.core.audio import AudioError, load_native
 from pipeline.core.data import Clip, file_sha256, read_corpus
 from pipeline.io.store import read_manifest, write_manifest
+from pipeline.progress import progress
 from pipeline.synthesis.neural import (SR, DecoderTraining, NeuralVocoder, load_decoder, read_decoder_config,
                                        save_decoder, train_decoder)
 from pipeline.synthesis.vocoders import SIGNAL_VOCODERS, VocoderError, codec2
-from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import soundfile as sf
 from pipeline.core.audio import AudioError, load_native, voiced_region
 from pipeline.core.data import Clip, check_two_classes, read_corpus, source_groups
 from pipeline.core.metrics import compute_eer
-from pipeline.training.lso import source_folds
 from pipeline.progress import progress
+from pipeline.training.lso import source_folds
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from pipeline.config import Params
 from pipeline.core.data import Clip, CorpusError, LoadedClip, check_two_classes, load_clips, read_corpus, source_groups
 from pipeline.core.metrics import compute_eer, rates_at
 from pipeline.core.model import save_checkpoint
+from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.train import split_for_training, train_model, validation_scores
-from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 

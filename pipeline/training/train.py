@@ -33,10 +33,10 @@ from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
 from pipeline.core.scoring import pick_device, score_model
+from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.evaluate import evaluate
-from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 

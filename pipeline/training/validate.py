@@ -23,8 +23,8 @@ from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips,
 from pipeline.core.metrics import compute_eer, rate, recall_at_fpr, threshold_at_fpr
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
-from pipeline.training.evaluate import evaluate
 from pipeline.progress import progress
+from pipeline.training.evaluate import evaluate
 
 PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
 
