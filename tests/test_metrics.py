@@ -83,3 +83,20 @@ def test_recall_at_fpr_uses_the_humans_of_the_same_scores():
     s, y = np.r_[humans, ai], np.r_[np.zeros(100), np.ones(3)]
     assert recall_at_fpr(s, y, 0.01) == pytest.approx(1 / 3), "only the AI clip above the top 1 % of humans"
     assert recall_at_fpr(s, y, 0.10) == pytest.approx(2 / 3), "at 10 % FPR the 0.95 clip is caught too"
+
+
+def test_eer_matches_the_crossing_of_the_error_rates_on_random_scores():
+    # given scores with many ties (rounded), where the brute-force error rates at every threshold are easy
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        y = rng.integers(0, 2, 60)
+        y[:2] = (0, 1)
+        s = np.round(rng.random(60) * 0.6 + 0.4 * y, 1)
+        eer, thr = compute_eer(s, y)
+        # then the EER lies between the two errors at the threshold it reports...
+        fpr, fnr = (s[y == 0] >= thr).mean(), (s[y == 1] < thr).mean()
+        assert min(fpr, fnr) - 1e-12 <= eer <= max(fpr, fnr) + 1e-12, f"trial {trial}: {eer} vs ({fpr}, {fnr}) at {thr}"
+        # ...and no threshold has both errors below it
+        grid = np.unique(np.r_[s, np.inf])
+        both = [max((s[y == 0] >= t).mean(), (s[y == 1] < t).mean()) for t in grid]
+        assert min(both) >= eer - 1e-12, f"trial {trial}: a threshold beats EER {eer}: max error {min(both)}"

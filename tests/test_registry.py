@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline.io import registry, tracking
 from pipeline.config import load_params, params_hash
@@ -44,14 +45,19 @@ def test_first_registered_base_becomes_champion_with_lineage_tags(mlflow_store, 
     # then it is champion, promoted as the first model, and carries lineage and validation tags
     assert registry.aliases() == {CHAMPION: v1}, f"first version should be champion only: {registry.aliases()}"
     tags = tracking.configure().get_model_version(registry.DEFAULT_NAME, str(v1)).tags
-    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"]), f"git_commit tag: {tags.get('git_commit')!r}"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == commit, f"MLflow's own commit tag on the version: {tags}"
+    assert "git_commit" not in tags, f"no home-made copy of the commit tag: {tags}"
     assert tags["git_dirty"] in ("true", "false", "unknown"), f"git_dirty tag: {tags.get('git_dirty')!r}"
     assert tags["data_hash"] == "data-1", f"data_hash should come from the checkpoint: {tags}"
     assert tags["params_hash"] == params_hash(PARAMS), f"params_hash should come from the checkpoint: {tags}"
     assert tags["validation_status"] == "none" and tags["threshold"] == "0.42", f"validation tags: {tags}"
     assert tags["owner"] == "ci" and tags["promotion_reason"] == "first model", f"given/promotion tags: {tags}"
+    run = mlflow.get_run(tracking.configure().get_model_version(registry.DEFAULT_NAME, str(v1)).run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == commit, f"and on its run: {run.data.tags}"
     [info] = registry.list_versions()
     assert info["metrics"] == {"eer": 0.12} and info["threshold"] == 0.42, f"list_versions: {info}"
+    assert info["lineage"]["git_commit"] == commit, f"list_versions reads the commit: {info['lineage']}"
     assert info["promotion"]["reason"] == "first model" and info["promotion"]["by"], f"promotion info: {info}"
     assert [e["action"] for e in registry.history()] == ["promote"], f"history: {registry.history()}"
 
@@ -102,6 +108,23 @@ def test_forced_promotion_needs_a_reason_and_is_recorded(mlflow_store, tiny_chec
     assert tags["forced"] == "true" and tags["promotion_reason"] == "hotfix for incident 42", f"tags: {tags}"
     last = registry.history()[-1]
     assert last["forced"] and last["user"] == "bob" and last["version"] == v2, f"history entry: {last}"
+    client = tracking.configure()
+    [event] = client.search_runs([client.get_experiment_by_name(f"{registry.DEFAULT_NAME}-registry-events").experiment_id],
+                                 filter_string="tags.forced = 'True'")
+    assert event.data.tags["mlflow.user"] == "bob" and "user" not in event.data.tags, (
+        f"the event run's user is MLflow's own tag (the UI's user column): {event.data.tags}")
+
+
+def test_history_reads_events_logged_with_the_old_user_tag(mlflow_store, tiny_checkpoint):
+    # given an event run from before MLflow's user tag was used (its user in a home-made `user` tag)
+    registry.register(tiny_checkpoint(seed=1), base=True)
+    client = tracking.configure()
+    exp = client.get_experiment_by_name(f"{registry.DEFAULT_NAME}-registry-events").experiment_id
+    [run] = client.search_runs([exp])
+    client.delete_tag(run.info.run_id, "mlflow.user")
+    client.set_tag(run.info.run_id, "user", "carol")
+    # then history still names its user
+    assert registry.history()[0]["user"] == "carol", f"old event runs keep their user: {registry.history()}"
 
 
 def test_rollback_restores_the_previous_version_and_its_exact_predictions(mlflow_store, tiny_checkpoint, tmp_path):
@@ -197,6 +220,35 @@ def test_logged_pyfunc_scores_arrays_and_files(mlflow_store, tiny_checkpoint, sp
     for out in (by_path, by_array):
         assert list(out.columns) == ["ai_score", "label", "error"], f"pyfunc output columns: {out.columns}"
         assert 0 <= out.loc[0, "ai_score"] <= 1 and out.loc[0, "label"] == "AI_GENERATED", f"pyfunc output: {out}"
+
+
+def test_pyfunc_is_logged_as_code_and_loads_without_unpickling(mlflow_store, tiny_checkpoint, shared_corpus,
+                                                               monkeypatch, caplog):
+    # given a checkpoint registered in a real sqlite store, and MLflow told to refuse pickled models
+    with caplog.at_level("WARNING", logger="mlflow"):
+        v1 = registry.register(tiny_checkpoint(seed=3, threshold=0.0), gates_passed=True)
+    assert not [r for r in caplog.records if "CloudPickle" in r.getMessage()], "logging pickles no Python object"
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    uri = f"models:/{registry.DEFAULT_NAME}/{v1}"
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path", "").endswith("pyfunc_model.py") and "python_model" not in flavor, flavor
+    assert not list(local.rglob("*.pkl")), f"no pickle in the logged model: {sorted(local.rglob('*.pkl'))}"
+    clip = next(shared_corpus / r["path"] for r in _manifest(shared_corpus)
+                if r["label"] == "human" and r["format"].startswith("WAV"))
+    # when it is loaded through MLflow's pyfunc and asked to score a real clip
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"audio_path": [str(clip)]}))
+    # then the clip is scored (at threshold 0, AI)
+    assert out.loc[0, "error"] is None and 0 <= out.loc[0, "ai_score"] <= 1, f"pyfunc output on {clip}: {out}"
+    assert out.loc[0, "label"] == "AI_GENERATED", f"threshold 0 calls every clip AI: {out}"
+
+
+def _manifest(root: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(root / "MANIFEST.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_flatten_params_names_sections_and_truncates():

@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", help="alias, version, models:/ or runs:/ URI, or a checkpoint file (default: detect.model, champion)")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--format", choices=("table", "json", "csv", "hf"), default="table",
+                   help="hf: per file, Hugging Face's audio-classification list [{label, score}, ...], one line each")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=_cmd_detect)
 

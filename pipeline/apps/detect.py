@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.core.audio import AudioError, stream_audio
 from pipeline.config import Params
+from pipeline.core.audio import AudioError, audio_info, stream_audio
 from pipeline.core.features import stream_windows, window_starts
 from pipeline.core.scoring import Scorer, score_streams
+from pipeline.progress import enabled, progress
 
 AI_GENERATED, HUMAN = "AI_GENERATED", "HUMAN"
 
@@ -37,10 +36,15 @@ class Detection:
     model: str | None = None
 
 
+LONG_RUN_FILES, LONG_RUN_S = 20, 60.0   # a progress bar from this many files, or seconds of audio
+
+
 def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: float, model_name: str = "",
                  max_duration_s: float | None = None) -> Iterator[Detection]:
     """Score each file (streamed, so hours-long files use bounded memory); errors are per file.
-    `max_duration_s` refuses longer files (the service's cap; the CLI scores files of any length)."""
+    `max_duration_s` refuses longer files (the service's cap; the CLI scores files of any length). A long
+    run (many files, or a minute of audio or more) shows a progress bar in seconds of audio on stderr
+    (pipeline.progress: only on a terminal)."""
     sr = params.audio.sample_rate
     seg, hop = params.audio.segment_samples, round(params.detect.hop_s * sr)
     decoded = [0] * len(paths)   # samples per file at the model's rate: where each window starts
@@ -50,11 +54,13 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
             decoded[i] += len(block)
             yield block
 
-    streams = (stream_windows(counted(i, stream_audio(p, params.audio, max_duration_s)), seg, hop)
-               for i, p in enumerate(paths))
-    progress = tqdm(total=len(paths), desc="detect", unit="file", disable=None if len(paths) > 20 else True, file=sys.stderr)
+    expected = [_header_seconds(p) for p in paths] if enabled() else [0.0] * len(paths)
+    long_run = len(paths) > LONG_RUN_FILES or sum(expected) >= LONG_RUN_S
+    bar = progress(total=round(sum(expected), 1), desc="detect", unit="s", when=long_run,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
+    streams = (stream_windows(counted(i, _counted(stream_audio(p, params.audio, max_duration_s), bar, sr, s)), seg, hop)
+               for i, (p, s) in enumerate(zip(paths, expected)))
     for i, (path, res) in enumerate(zip(paths, score_streams(scorer, streams, params.detect))):
-        progress.update()
         if isinstance(res, AudioError):
             yield Detection(path=str(path), error=res.reason, model=model_name)
         else:
@@ -63,11 +69,44 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
                             window_starts=[round(s / sr, 3) for s in window_starts(decoded[i], seg, hop)],
                             duration_s=round(decoded[i] / sr, 3),
                             language=res.language, speakers=res.speakers, model=model_name)
-    progress.close()
+    bar.close()
+
+
+def _header_seconds(path: Path) -> float:
+    """The file's duration by its header (0 when it cannot be read: decoding will say why)."""
+    try:
+        return float(audio_info(path).duration)
+    except AudioError:
+        return 0.0
+
+
+def _counted(blocks: Iterator[np.ndarray], bar, rate: int, expected_s: float) -> Iterator[np.ndarray]:
+    """Pass blocks through, moving the bar by their seconds; a file that ends early (an error, a header
+    that overstated its length) still moves the bar by exactly its header duration."""
+    done = 0.0
+    try:
+        for block in blocks:
+            step = min(len(block) / rate, max(0.0, expected_s - done))
+            done += step
+            bar.update(step)
+            yield block
+    finally:
+        bar.update(max(0.0, expected_s - done))
+
+
+def hf_output(d: Detection) -> list[dict]:
+    """Hugging Face's audio-classification pipeline output for one file: both labels with their
+    probabilities (AI score and 1 - AI score), highest first; [] for a file that could not be scored.
+    The top label is the likelier class, not the call at the served threshold (`label` elsewhere)."""
+    if d.error:
+        return []
+    scores = [{"label": AI_GENERATED, "score": d.ai_score}, {"label": HUMAN, "score": round(1.0 - d.ai_score, 6)}]
+    return sorted(scores, key=lambda s: -s["score"])
 
 
 def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[Detection]:
-    """Print results as they come (table, json lines or csv); return them."""
+    """Print results as they come (table, json lines, csv, or hf: one Hugging Face list per line, in
+    file order); return them."""
     done = []
     writer = None
     if fmt == "table":
@@ -76,6 +115,8 @@ def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[D
         done.append(r)
         if fmt == "json":
             out.write(json.dumps(asdict(r)) + "\n")
+        elif fmt == "hf":
+            out.write(json.dumps(hf_output(r)) + "\n")
         elif fmt == "csv":
             row = asdict(r) | {"windows": " ".join(map(str, r.windows)), "window_starts": " ".join(map(str, r.window_starts))}
             if writer is None:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.core.audio import AUDIO_SUFFIXES, AudioError, load_audio, voiced_region
 from pipeline.core.model import AI_LABEL
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_clips(clips: list[Clip], params) -> list[LoadedClip]:
     """Decode every clip (params: pipeline.config.Params); a bad file is reported in one line and left out,
     the rest go on."""
     loaded = []
-    for c in tqdm(clips, desc="decode", unit="clip", disable=None, leave=False):
+    for c in progress(clips, desc="decode", unit="clip"):
         try:
             wave = load_audio(c.path, params.audio)
         except AudioError as err:

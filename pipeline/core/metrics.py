@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import det_curve, roc_auc_score, roc_curve
 
 
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -32,21 +32,32 @@ def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fpr, tpr, thr
 
 
+def det_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, fnr, thresholds) of the DET curve, thresholds ascending (scikit-learn's `det_curve`): only
+    the points between the last with no miss and the first with no false alarm, where the curve says
+    something; both classes needed."""
+    s, y = _check(scores, labels)
+    if y.min() == y.max():
+        raise ValueError("a DET curve needs both human and AI clips")
+    fpr, fnr, thr = det_curve(y, s)
+    return fpr, fnr, thr
+
+
 def compute_eer(scores, labels) -> tuple[float, float]:
-    """Equal error rate, interpolated where the false-negative and false-positive rates cross between
-    two ROC points, and the threshold of the ROC point nearest the crossing."""
+    """Equal error rate, interpolated where the false-positive and false-negative rates cross between
+    two DET points, and the threshold of the point nearest the crossing (at most 1.0)."""
     s, y = _check(scores, labels)
     if y.min() == y.max():
         raise ValueError("EER needs both human and AI clips")
-    fpr, tpr, thr = roc_points(s, y)
-    diff = (1 - tpr) - fpr   # decreasing from 1 to -1 along the curve
-    i = int(np.argmax(diff <= 0))   # first point at or past the crossing
+    fpr, fnr, thr = det_points(s, y)
+    diff = fnr - fpr   # rises along the curve: <= 0 at its first point (no miss), >= 0 at its last
+    i = int(np.argmax(diff >= 0))   # first point at or past the crossing
     if diff[i] == 0 or i == 0:
         eer = fpr[i]
     else:
-        t = diff[i - 1] / (diff[i - 1] - diff[i])
+        t = -diff[i - 1] / (diff[i] - diff[i - 1])
         eer = fpr[i - 1] + t * (fpr[i] - fpr[i - 1])
-    j = i if i == 0 or abs(diff[i]) <= abs(diff[i - 1]) else i - 1
+    j = i if i == 0 or abs(diff[i]) < abs(diff[i - 1]) else i - 1   # a tie: the lower threshold
     return float(eer), float(min(thr[j], 1.0))
 
 

@@ -6,7 +6,8 @@ promotion; cleared when promoted) and `previous-champion` (where `rollback` retu
 Every promotion and rollback is recorded twice:
 - as tags on the version that became champion (promoted_by/_at, promotion_reason/_action, forced);
 - as one MLflow run per event in the experiment `<model>-registry-events`, its tags holding the
-  event (at, action, version, previous, user, reason, forced). Runs are append-only and atomic, so
+  event (at, action, version, previous, reason, forced; the user in MLflow's own `mlflow.user`, which
+  the UI shows as the run's user). Runs are append-only and atomic, so
   concurrent promotions cannot lose an entry (a shared promotions.jsonl would need read-modify-write),
   and the log stays queryable (`history()`, `mlflow.search_runs`, the MLflow UI).
 
@@ -49,6 +50,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from pipeline.io import tracking
 from pipeline.config import Params, RegistryConfig
@@ -360,7 +362,8 @@ def _event_logged(client: MlflowClient, name: str, event_id: str) -> bool:
 def _log_event(client: MlflowClient, name: str, event: dict) -> None:
     """One finished run per event in `<name>-registry-events`, the event in its tags."""
     exp = tracking.experiment_id(client, _events_experiment(name))
-    tags = {key: "" if event[key] is None else str(event[key]) for key in _EVENT_KEYS} | {"model": name}
+    tags = {key: "" if event[key] is None else str(event[key]) for key in _EVENT_KEYS if key != "user"}
+    tags |= {MLFLOW_USER: event["user"], "model": name}
     run = client.create_run(exp, run_name=f"{event['action']} v{event['version']}",
                             tags=tags | {"event_id": event["id"]})
     client.set_terminated(run.info.run_id)
@@ -423,7 +426,7 @@ def _lock_path(uri: str) -> Path | None:
 
 def _event_from_tags(tags: dict[str, str]) -> dict:
     return {"at": tags["at"], "action": tags["action"], "version": int(tags["version"]),
-            "previous": int(tags["previous"]) if tags.get("previous") else None, "user": tags.get("user", ""),
+            "previous": int(tags["previous"]) if tags.get("previous") else None, "user": tags.get(MLFLOW_USER) or tags.get("user", ""),
             "reason": tags.get("reason", ""), "forced": tags.get("forced") == "True"}
 
 
@@ -453,7 +456,7 @@ def _describe(mv: ModelVersion, version_aliases: list[str]) -> dict:
         "validation_status": tags.get("validation_status", "none"),
         "threshold": float(tags["threshold"]) if "threshold" in tags else None,
         "metrics": {k: float(tags[k]) for k in METRIC_TAGS if k in tags},
-        "lineage": {k: tags.get(k, "") for k in ("git_commit", "git_dirty", "data_hash", "params_hash")},
+        "lineage": {"git_commit": tracking.git_commit(tags)} | {k: tags.get(k, "") for k in ("git_dirty", "data_hash", "params_hash")},
         "promotion": promotion, "description": mv.description or "",
     }
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline.core.audio import AudioError, audio_info, load_audio
 from pipeline.config import AudioConfig, IngestConfig
 from pipeline.core.data import LABELS, UNKNOWN, file_sha256, is_placeholder_speaker, read_corpus, source_of
+from pipeline.progress import progress
 
 MANIFEST = "MANIFEST.csv"
 COLUMNS = ("path", "sha256", "label", "generator", "speaker", "language", "n_speakers", "duration_s",
@@ -109,7 +110,7 @@ def ingest(items: list[tuple[Path, ClipInfo]], store: Path, quarantine: Path, au
     known = {r["sha256"]: r["path"] for r in rows}
     batch = batch or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")  # sorts in ingest order
     report = IngestReport()
-    for src, info in items:
+    for src, info in progress(items, desc="ingest", unit="file"):
         try:
             sha = file_sha256(src)
         except OSError as exc:

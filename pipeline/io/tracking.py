@@ -5,8 +5,9 @@ store, artifacts go to `artifacts/` beside the database (so `mlruns/artifacts` b
 $AIVOICE_ARTIFACT_ROOT names another folder; a tracking server decides its own artifact root.
 Downloaded checkpoints are cached in `.cache/` beside a sqlite store ($AIVOICE_CACHE_DIR overrides).
 
-A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`) carrying the
-checkpoint file as its one artifact. Loading it needs this package installed, never the network.
+A checkpoint is logged as an MLflow 3 LoggedModel: a pyfunc (`DetectorPyfunc`, logged as models-from-code
+through `pyfunc_model.py`, not pickled) carrying the checkpoint file as its one artifact. Loading it needs
+this package installed, never the network.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
@@ -37,7 +39,8 @@ DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
 CACHE_DIR_ENV = "AIVOICE_CACHE_DIR"
 CHECKPOINT_ARTIFACT = "checkpoint"
-_PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # models-from-code: MLflow runs it on load
+_PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "soxr", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
 
 
 def tracking_uri() -> str:
@@ -145,11 +148,22 @@ def flatten_params(params: BaseModel) -> dict[str, str]:
 
 
 def lineage_tags(*, params_hash: str = "", data_hash: str = "", repo: str | Path = ".") -> dict[str, str]:
-    """git_commit ("unknown" outside git or before the first commit), git_dirty, params_hash, data_hash."""
+    """MLflow's own `mlflow.source.git.commit` (the UI shows it; left out outside git or before the first
+    commit, as MLflow does), git_dirty ("unknown" outside git), params_hash, data_hash.
+
+    Set explicitly because MLflow derives its commit from the entry script's folder, which for the
+    `aivoice` console script is the virtualenv, not this repository."""
     commit = _git(repo, "rev-parse", "HEAD")
     status = _git(repo, "status", "--porcelain")
     dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git_commit": commit or "unknown", "git_dirty": dirty, "params_hash": params_hash, "data_hash": data_hash}
+    return ({MLFLOW_GIT_COMMIT: commit} if commit else {}) | {"git_dirty": dirty, "params_hash": params_hash,
+                                                              "data_hash": data_hash}
+
+
+def git_commit(tags: dict[str, str]) -> str:
+    """The commit a run or version was made from: MLflow's tag, or `git_commit` (before MLflow's tag was
+    used); "unknown" when neither is there."""
+    return tags.get(MLFLOW_GIT_COMMIT) or tags.get("git_commit") or "unknown"
 
 
 def _git(repo: str | Path, *args: str) -> str | None:
@@ -205,7 +219,7 @@ def log_checkpoint_model(ckpt_path: str | Path, name: str = "model") -> str:
     """Log a checkpoint as a pyfunc LoggedModel (in the active run, if any); returns its `models:/<model_id>` URI."""
     example = pd.DataFrame({"audio": [np.sin(np.arange(1200, dtype=np.float32) * 0.1).round(4).tolist()]})
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=DetectorPyfunc(), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_path)},
+        name=name, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_path)},
         signature=SIGNATURE, input_example=example, pip_requirements=_pinned_requirements(),
     )
     return info.model_uri

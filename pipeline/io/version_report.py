@@ -37,7 +37,7 @@ def lineage(client: MlflowClient, name: str, version: int) -> dict:
         "base_version": tags.get("base_version"), "recipe": tags.get("recipe"),
         "data_hash": tags.get("data_hash"), "base_model_data_hash": rtags.get("base_model_data_hash"),
         "gate_data": tags.get("gate_data"), "params_hash": tags.get("params_hash"),
-        "git_commit": tags.get("git_commit") or rtags.get("mlflow.source.git.commit"), "git_dirty": tags.get("git_dirty"),
+        "git_commit": tracking.git_commit(tags | rtags), "git_dirty": tags.get("git_dirty"),
         "prefect_flow_run_id": rtags.get("prefect_flow_run_id"), "checkpoint": tags.get("checkpoint"),
     }
 

@@ -19,6 +19,7 @@ from pipeline.core.audio import load_audio
 from pipeline.core.augment import augment_copies
 from pipeline.config import Params
 from pipeline.core.data import CorpusError
+from pipeline.progress import progress
 from pipeline.stages.common import stage_main
 from pipeline.io.store import read_manifest
 
@@ -52,7 +53,7 @@ def run(params: Params) -> dict:
     out.mkdir(parents=True)
     sr, seg = params.audio.sample_rate, params.audio.segment_samples
     index = []
-    for row in rows:
+    for row in progress(rows, desc="augment", unit="clip"):
         wave = load_audio(store / row["path"], params.audio)
         seed = int(row["sha256"][:8], 16)
         for i, copy in enumerate(augment_copies(wave, sr, cfg=params.augment, seed=seed, segment=seg)):

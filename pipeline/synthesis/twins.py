@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 from pipeline.config import TwinsConfig
 from pipeline.core.audio import AudioError, load_native
 from pipeline.core.data import Clip, file_sha256, read_corpus
 from pipeline.io.store import read_manifest, write_manifest
+from pipeline.progress import progress
 from pipeline.synthesis.neural import (SR, DecoderTraining, NeuralVocoder, load_decoder, read_decoder_config,
                                        save_decoder, train_decoder)
 from pipeline.synthesis.vocoders import SIGNAL_VOCODERS, VocoderError, codec2
@@ -107,7 +107,7 @@ def make_twins(corpus: str | Path, out: str | Path, cfg: TwinsConfig) -> TwinsRe
         else:
             vocoder = SIGNAL_VOCODERS[name]
         started = time.monotonic()
-        for clip in tqdm(todo, desc=f"twins {name}", unit="clip", disable=None, leave=False):
+        for clip in progress(todo, desc=f"twins {name}", unit="clip"):
             try:
                 rows.append(_twin(clip, name, vocoder, out, batch))
                 report.added += 1

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 from pipeline.core.audio import AudioError, load_native, voiced_region
 from pipeline.core.data import Clip, check_two_classes, read_corpus, source_groups
 from pipeline.core.metrics import compute_eer
+from pipeline.progress import progress
 from pipeline.training.lso import source_folds
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def audit_corpus(corpus: str | Path, k: int = 4, seed: int = 0, linked: list[lis
     clips: list[Clip] = [c for c in read_corpus(corpus) if not c.twin_of]
     check_two_classes(clips, f"corpus {corpus}")
     rows, kept = [], []
-    for c in tqdm(clips, desc="chain features", unit="clip", disable=None, leave=False):
+    for c in progress(clips, desc="chain features", unit="clip"):
         try:
             rows.append(chain_features(c.path))
             kept.append(c)

@@ -25,6 +25,7 @@ from pipeline.config import Params
 from pipeline.core.data import Clip, CorpusError, LoadedClip, check_two_classes, load_clips, read_corpus, source_groups
 from pipeline.core.metrics import compute_eer, rates_at
 from pipeline.core.model import save_checkpoint
+from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.train import split_for_training, train_model, validation_scores
@@ -152,6 +153,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
     folds = source_folds(real, k, cfg.seed, linked)
     cache: dict[Path, LoadedClip] = {it.clip.path: it for it in load_clips(everything, params)}
     per_seed, fold_runs = [], []
+    bar = progress(total=seeds * len(folds), desc="evaluate", unit="fold", leave=True)
     for s in range(seeds):
         p = params.model_copy(update={"train": cfg.model_copy(update={"seed": cfg.seed + s})})
         held_clips, held_scores, held_folds, held_thr = [], [], [], []
@@ -180,6 +182,8 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
             fold_runs.append(result)
             log.info("seed %d fold %d (%s): EER %.3f on %d held-out clips (%.0f s)", s, f, ", ".join(sources),
                      result["eer"], len(test), result["train_s"])
+            bar.update()
+            bar.set_postfix(eer=f"{result['eer']:.3f}")
             if on_fold:
                 on_fold(result)
             held_clips += [it.clip for it in test]
@@ -190,6 +194,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
         summary["scores"] = [{"path": str(c.path), "source": c.source, "generator": c.generator, "label": c.label_name,
                               "fold": fo, "ai_score": round(v, 6)} for c, v, fo in zip(held_clips, held_scores, held_folds)]
         per_seed.append(summary)
+    bar.close()
     return {"corpus": str(corpus), "k": len(folds), "folds": folds, "seeds": seeds, "n_clips": len(real),
             "n_twins": len(everything) - len(real), "summary": _across_seeds(per_seed), "per_seed": per_seed,
             "fold_runs": fold_runs, "wall_s": round(time.time() - started, 1)}

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline.config import Params, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
@@ -34,6 +33,7 @@ from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
 from pipeline.core.scoring import pick_device, score_model
+from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.evaluate import evaluate
@@ -162,10 +162,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     use_amp = cfg.amp and device.type == "cuda"
     best, best_eer, history, stale = None, float("inf"), [], 0
     started = time.monotonic()
-    for epoch in range(1, cfg.epochs + 1):
+    epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True)
+    for epoch in epochs:
         model.train()
         losses = []
-        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=None, leave=False)
+        bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
         for _ in bar:
             waves, ai, lang, spk = (t.to(device) for t in make_batch(sampler, params, languages, rng))
             feats = augment_spec(front_end(waves), cfg.augment, rng)  # (B, 1, bins, T)
@@ -183,6 +184,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
                         "wall_s": round(time.monotonic() - started, 1)})
         log.info("epoch %d: train loss %.4f, validation EER %.4f", epoch, np.mean(losses), eer)
+        epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
         if eer < best_eer:
             best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
         else:
@@ -190,6 +192,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             if stale >= cfg.patience:
                 log.info("early stop: no better validation EER for %d epochs", stale)
                 break
+    epochs.close()
     model.load_state_dict(best)
     return model.to("cpu").eval(), history
 

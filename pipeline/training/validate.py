@@ -24,6 +24,7 @@ from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips,
 from pipeline.core.metrics import compute_eer, rate, recall_at_fpr, threshold_at_fpr
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
+from pipeline.progress import progress
 from pipeline.training.evaluate import evaluate
 
 PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
@@ -50,7 +51,7 @@ def gate_data_key(test: list[Clip], new: list[Clip]) -> str:
 def score_clips(model: Detector, clips: list[Clip], params: Params) -> tuple[list[Clip], list[float], list]:
     """Scores of the clips that decode (others are reported and left out); also language/speaker outputs."""
     loaded = load_clips(clips, params)
-    results = score_model(model, [it.wave for it in loaded], params)
+    results = score_model(model, progress([it.wave for it in loaded], desc="score", unit="clip"), params)
     return [it.clip for it in loaded], [r.ai_score for r in results], results
 
 
