@@ -91,7 +91,7 @@ start_prefect() {
             daemon prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$port"
     fi
     wait_http "$PREFECT_API_URL/health" prefect 120
-    "$PY" -c "from flows.deploy import ensure_work_pool, ensure_retrain_limit; ensure_work_pool('$POOL'); ensure_retrain_limit()" \
+    "$PY" -c "from flows.deploy import ensure_work_pool; ensure_work_pool('$POOL')" \
         || die "could not create work pool $POOL"
     for i in $(seq 1 "$WORKERS"); do
         alive "worker-$i" && continue
