@@ -3,15 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2 chromium chromium-driver
+APT_PACKAGES := espeak-ng flite festival festvox-us-slt-hts codec2 chromium chromium-driver postgresql openssh-server
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test test-unit test-integration demo ui bench clean
+.PHONY: setup system-deps test test-unit test-integration demo ui bench clean services services-stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,demo]'
+	$(BIN)/pip install --quiet -e '.[dev,demo,team]'
 	touch $(STAMP)
 
 setup: $(STAMP) system-deps
@@ -37,3 +37,11 @@ clean:
 
 ui: $(STAMP)
 	$(BIN)/aivoice ui
+
+# Team services: PostgreSQL, the MLflow server on it, a Prefect server with a process work pool and 2 workers
+# (scripts/services.sh; state, logs and pids in .services/; `source .services/env` points clients at them).
+services: setup
+	bash scripts/services.sh start
+
+services-stop:
+	bash scripts/services.sh stop

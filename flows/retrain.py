@@ -1,12 +1,15 @@
 """The `retrain` flow: a new candidate from new samples, judged against the champion, promoted or not.
 
-    export_champion -> ingest -> twins -> augment -> finetune -> validate -> promote -> report
+    export_champion -> [dvc pull] -> ingest -> twins -> augment -> finetune -> validate -> [dvc push] -> promote -> report
 
 - export_champion writes the registry's champion to `finetune.base_model` (models/production.pt), so
   the DVC pipeline always fine-tunes and judges against what production serves.
 - Each stage runs THROUGH DVC (`dvc repro --single-item <stage>`): dvc.lock stays the record of what
   produced what, and a stage whose inputs did not change is skipped. The validate stage registers the
   candidate (challenger if its gates passed) and writes reports/verdict.json.
+- With a default DVC remote (`aivoice remote add`), the outputs dvc.lock records that this checkout
+  lacks are pulled before the stages (what is here is never overwritten) and everything the stages produced is pushed after them,
+  before anything is promoted: a promoted candidate's data and weights are on the remote.
 - promote reads the verdict: passed + auto -> the challenger becomes champion; passed + manual -> it
   stays challenger for a person to promote; failed -> nothing moves. The report says which and why.
 
@@ -31,7 +34,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
-from pipeline.io import registry
+from pipeline.io import dvc_remote, registry
 from pipeline.config import apply_threads, load_params
 
 STAGES = ("ingest", "twins", "augment", "finetune", "validate")   # twins: for newly ingested humans (incremental)
@@ -97,6 +100,21 @@ def _dvc_stage(stage: str, repo: str) -> dict:
         raise StageError(f"dvc repro {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     logger.info("stage %s %s", stage, "ran" if ran else "unchanged: skipped by DVC")
     return {"stage": stage, "ran": ran}
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def dvc_pull(repo: str, remote: str) -> None:
+    """Outputs dvc.lock records but this checkout lacks (a new worker, a fresh clone), from the remote;
+    what is here is never overwritten."""
+    pulled = dvc_remote.pull_missing(repo, remote)
+    get_run_logger().info("pulled %s from DVC remote %s", ", ".join(pulled) or "nothing (all outputs present)", remote)
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def dvc_push(repo: str, remote: str) -> None:
+    """Store, twins, copies and candidate to the remote, so another checkout can `dvc pull` them."""
+    dvc_remote.push(repo, remote)
+    get_run_logger().info("pushed to DVC remote %s", remote)
 
 
 # one task per stage, so each shows up (and can be inspected) on its own in the UI
@@ -166,7 +184,12 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
     logger.info("retrain %s in %s (promotion: %s)", name, repo, mode)
     with scoped_env(project_env(repo, run_id)):          # stages tag their MLflow runs with this flow run
         champion = export_champion(str(in_repo(repo, cfg.finetune.base_model)), name)
+        remote = dvc_remote.default(repo)
+        if remote:
+            dvc_pull(str(repo), remote)
         stages = {stage: STAGE_TASKS[stage](stage, str(repo))["ran"] for stage in STAGES}
+        if remote:
+            dvc_push(str(repo), remote)
         verdict = _read_json(in_repo(repo, cfg.validation.verdict))
         metrics = _read_json(in_repo(repo, cfg.validation.metrics))
         tables = _read_json(in_repo(repo, cfg.validation.tables))
@@ -176,7 +199,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
             "passed": verdict["passed"], "status": verdict.get("status", "passed" if verdict["passed"] else "failed"),
             "reasons": verdict["reasons"], "model_version": verdict.get("model_version"),
             "mlflow_run_id": verdict.get("mlflow_run_id"), "tracking_uri": _without_credentials(os.environ.get("MLFLOW_TRACKING_URI", "")),
-            "promotion": decision, "verdict_is_fresh": stages["validate"],
+            "promotion": decision, "verdict_is_fresh": stages["validate"], "dvc_remote": remote,
         }
         publish_report(summary, verdict, metrics, tables)
     return summary

@@ -481,7 +481,7 @@ def test_lock_paths_local_stores_only():
     assert registry._lock_path("sqlite:////srv/mlruns/mlflow.db") == Path("/srv/mlruns/mlflow.db.registry.lock")
     assert registry._lock_path("file:///srv/mlruns") == Path("/srv/mlruns.registry.lock")
     for remote in ("http://mlflow:5000", "https://mlflow.example.com", "postgresql://u@db/mlflow", "databricks"):
-        assert registry._lock_path(remote) is None, f"{remote} is not locked (yet)"
+        assert registry._lock_path(remote) is None, f"{remote} has no lock file (it takes the remote lease lock)"
 
 
 # --- against a real `mlflow server` -------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
 # commands that only talk to the registry or start other programs: no torch work, so no thread setting
-_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule"})
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule", "remote"})
 
 
 def _cmd_detect(args, params) -> int:
@@ -281,6 +281,33 @@ def _cmd_schedule(args, params) -> int:
 
 
 
+def _cmd_remote(args, params) -> int:
+    from pipeline.io import dvc_remote
+
+    try:
+        if args.action == "add":
+            if not args.name or not args.url:
+                log.error("remote add: give NAME and URL, e.g. `aivoice remote add origin ssh://me@host/srv/aivoice-dvc`")
+                return 2
+            dvc_remote.add(args.name, args.url, keyfile=args.keyfile, user=args.user, default=not args.no_default)
+            print(f"remote {args.name} -> {dvc_remote.remotes()[args.name]}"
+                  f"{'' if args.no_default else ' (default: retrain pulls and pushes through it)'}")
+        elif args.action == "list":
+            default = dvc_remote.default()
+            for name, url in dvc_remote.remotes().items():
+                print(f"{name}\t{url}{'  (default)' if name == default else ''}")
+        elif args.action == "pull":
+            pulled = dvc_remote.pull_missing(remote=args.name)
+            print(f"pulled {', '.join(pulled)}" if pulled else "nothing to pull: every output dvc.lock records is here "
+                  "(outputs already here are never overwritten; `dvc pull` for that)")
+        else:
+            out = dvc_remote.push(remote=args.name)
+            print(out.strip().splitlines()[-1] if out.strip() else "push: done")
+    except dvc_remote.RemoteError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aivoice", description="AI-generated-voice detector and its retraining pipeline")
@@ -389,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="scheduled")
     p.add_argument("--pool", default="aivoice-process")
     p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("remote", help="the DVC remote holding the store and models: add, list, push, pull (pull: only outputs missing here)")
+    p.add_argument("action", choices=("add", "list", "push", "pull"))
+    p.add_argument("name", nargs="?", help="remote name (add; push/pull: default remote when omitted)")
+    p.add_argument("url", nargs="?", help="a path, ssh://user@host[:port]/path, s3://... (add)")
+    p.add_argument("--keyfile", help="SSH private key, stored in .dvc/config.local (add)")
+    p.add_argument("--user", help="SSH user, stored in .dvc/config.local (add)")
+    p.add_argument("--no-default", action="store_true", help="do not make it the default remote (add)")
+    p.set_defaults(func=_cmd_remote)
 
     return parser
 

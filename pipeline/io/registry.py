@@ -20,9 +20,14 @@ Guards:
   `pending_move`, then the version's tags, the event, previous-champion, champion and challenger are written,
   and the journal is cleared. A crash anywhere leaves the journal; the next promote, rollback or register
   (or `complete_pending`) completes the move, each step idempotent (the event is logged once, by its id);
-- alias moves hold a file lock (fcntl.flock on `<store>.registry.lock` beside a local sqlite database or
-  file store). A remote registry (an MLflow server, a SQL database) is NOT locked yet: concurrent
-  promotions there can interleave, and the journal only makes each one completable.
+- alias moves are serialised per store: by a file lock (fcntl.flock on `<store>.registry.lock`) beside a
+  local sqlite database or file store; for a remote registry (an MLflow server, a PostgreSQL or other SQL
+  database) by a lease lock made of the registry itself: the registered model `aivoice.registry-lock`,
+  created to take the lock (creation is atomic: the database's unique name constraint lets one creator
+  win) and deleted to release it; its tags name the owner and when the lease expires (LOCK_LEASE_S), after
+  which a crashed holder's lock is broken. Under either lock, a move first re-reads the aliases and refuses
+  if champion is no longer what the decision was based on (compare-and-set), which also covers a lease
+  broken while its holder was still alive.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -64,6 +70,8 @@ _EVENT_KEYS = ("at", "action", "version", "previous", "user", "reason", "forced"
 PENDING_TAG = "pending_move"   # registered-model tag: the champion move in progress (JSON event)
 BASE_VERSION_TAG = "base_version"
 LOCK_TIMEOUT_S = 120.0
+LOCK_LEASE_S = 120.0       # a remote lock older than this is a crashed holder's: broken
+REMOTE_LOCK_MODEL = "aivoice.registry-lock"
 log = logging.getLogger(__name__)
 
 
@@ -307,12 +315,21 @@ def _public(event: dict) -> dict:
     return {key: event[key] for key in _EVENT_KEYS}
 
 
-def _move(client: MlflowClient, name: str, event: dict) -> dict:
+def _move(client: MlflowClient, name: str, event: dict, *, fresh: bool = True) -> dict:
     """Make event["version"] champion and event["previous"] previous-champion, in an order a crash at any
     point leaves completable: journal (PENDING_TAG), version tags, event log, previous-champion, champion,
     challenger cleared (when it was the version), journal cleared. Every step is idempotent, so running
-    the same event again (`_complete_pending`) finishes it. Call with the registry lock held."""
+    the same event again (`_complete_pending`) finishes it. Call with the registry lock held.
+
+    `fresh`: a new decision (not the completion of a journalled one): compare-and-set, refused when
+    champion is no longer event["previous"] or another move is journalled."""
     version, previous = event["version"], event["previous"]
+    if fresh:
+        now, pending = _state(client, name)
+        if now.get(CHAMPION) != previous or (pending is not None and pending.get("id") != event["id"]):
+            raise PromotionError(f"{name}: {CHAMPION} moved while v{version}'s {event['action']} was decided (was "
+                                 f"{previous}, now {now.get(CHAMPION)}"
+                                 f"{', a move is pending' if pending else ''}); nothing changed, try again")
     client.set_registered_model_tag(name, PENDING_TAG, json.dumps(event))
     version_tags = {"promoted_at": event["at"], "promoted_by": event["user"], "promotion_reason": event["reason"],
                     "promotion_action": event["action"]} | ({"forced": "true"} if event["forced"] else {})
@@ -349,7 +366,7 @@ def _complete_pending(client: MlflowClient, name: str,
         return current
     log.warning("%s: completing the interrupted %s of v%s (started %s by %s)", name, pending["action"],
                 pending["version"], pending["at"], pending["user"])
-    _move(client, name, pending)
+    _move(client, name, pending, fresh=False)
     return _state(client, name)[0]
 
 
@@ -375,17 +392,25 @@ _held = threading.local()   # lock files this thread holds (flock is per open fi
 @contextmanager
 def _registry_lock(client: MlflowClient, timeout_s: float | None = None) -> Iterator[None]:
     """Exclusive fcntl.flock on `<store>.registry.lock` beside a local registry store, held while aliases
-    move; re-entrant within a thread. Registries behind a server or a SQL database are not locked (yet)."""
-    path = _lock_path(os.environ.get("MLFLOW_REGISTRY_URI") or client.tracking_uri)
+    move; re-entrant within a thread. A registry behind a server or a SQL database takes `_remote_lock`."""
+    uri = os.environ.get("MLFLOW_REGISTRY_URI") or client.tracking_uri
+    path = _lock_path(uri)
     held = getattr(_held, "paths", None)
     if held is None:
         held = _held.paths = set()
-    if path is None or path in held:
-        if path is None:
-            log.debug("registry at %s is not local: alias moves are not locked", client.tracking_uri)
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    key = path if path is not None else f"remote:{uri}"
+    if key in held:
         yield
         return
-    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    if path is None:
+        held.add(key)
+        try:
+            with _remote_lock(client, timeout_s):
+                yield
+        finally:
+            held.discard(key)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         deadline = time.monotonic() + timeout_s
@@ -404,6 +429,59 @@ def _registry_lock(client: MlflowClient, timeout_s: float | None = None) -> Iter
         finally:
             held.discard(path)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _remote_lock(client: MlflowClient, timeout_s: float) -> Iterator[None]:
+    """Lease lock in a remote registry: create registered model REMOTE_LOCK_MODEL (one creator wins: the
+    name is unique in the database), delete it when done. Its tags `owner` and `expires` let a waiter break
+    the lock of a holder that crashed (lease past); the compare-and-set in `_move` guards what a broken
+    lease of a live holder could let through."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(REMOTE_LOCK_MODEL, tags={"owner": owner, "expires": f"{time.time() + LOCK_LEASE_S:.3f}"},
+                                           description="held while a promotion or rollback moves aliases (aivoice)")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _break_expired_lock(client)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"registry lock {REMOTE_LOCK_MODEL} at {client.tracking_uri} still held by another "
+                                f"promotion or rollback after {timeout_s:.0f} s") from None
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        try:
+            if _lock_owner(client)[0] == owner:   # a broken lease may have gone to someone else
+                client.delete_registered_model(REMOTE_LOCK_MODEL)
+        except MlflowException as exc:
+            log.warning("could not release registry lock %s: %s", REMOTE_LOCK_MODEL, exc)
+
+
+def _lock_owner(client: MlflowClient) -> tuple[str | None, float]:
+    """(owner, lease expiry as epoch seconds) of the remote lock; (None, 0) when nobody holds it."""
+    try:
+        tags = client.get_registered_model(REMOTE_LOCK_MODEL).tags or {}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None, 0.0
+        raise
+    return tags.get("owner"), float(tags.get("expires") or 0)
+
+
+def _break_expired_lock(client: MlflowClient) -> None:
+    owner, expires = _lock_owner(client)
+    if owner is not None and expires < time.time() and _lock_owner(client)[0] == owner:
+        log.warning("breaking registry lock %s held by %s: its lease expired", REMOTE_LOCK_MODEL, owner)
+        try:
+            client.delete_registered_model(REMOTE_LOCK_MODEL)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
 
 def _lock_path(uri: str) -> Path | None:
