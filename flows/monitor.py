@@ -18,6 +18,7 @@ and queue the clips the model is least sure about for a person to label.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -35,6 +36,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES
+from pipeline import atomic
 from pipeline.core import drift
 from pipeline.io import registry, tracking
 from pipeline.core.audio import find_audio
@@ -224,11 +226,12 @@ def queue_for_review(rows: list[dict], threshold: float, model_version: int | No
                         "suggested_label": suggested, "label": "", "generator": "", "original_path": str(src.resolve()),
                         "day": r["day"], "model_version": "" if model_version is None else model_version})
     manifest = folder / REVIEW_MANIFEST
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=REVIEW_COLUMNS)
-        writer.writeheader()
-        writer.writerows(entries)
-    (folder / "README.txt").write_text(
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=REVIEW_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(entries)
+    atomic.write_text(manifest, buf.getvalue())
+    atomic.write_text(folder / "README.txt",
         "Clips the detector was least sure about (closest to its threshold), copied from production traffic.\n"
         "1. Listen; fill `label` with human or ai (and `generator` for AI, if known); delete rows you cannot decide.\n"
         f"2. aivoice ingest --corpus {folder}\n"

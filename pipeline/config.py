@@ -213,6 +213,8 @@ class IngestConfig(Section):
     max_duration_s: float = Field(600.0, gt=0)
     test_fraction: float = Field(0.25, ge=0, lt=1, description="share of files (or speakers) held out for validation")
     split_by: Literal["file", "speaker"] = Field("file", description="speaker: needs many speakers per class")
+    quarantine_max_mb: float = Field(500.0, ge=0, description="rejected files are copied to quarantine while the "
+                                     "folder stays under this size; past it they are only listed in the report")
 
 
 class AugmentStageConfig(Section):

@@ -130,8 +130,9 @@ def _cmd_ingest(args, params) -> int:
     from pipeline.io.store import ClipInfo, from_corpus, ingest
 
     cfg = params.ingest
-    if args.corpus:
-        items = from_corpus(args.corpus, args.split or "")
+    unsafe: list[dict] = []
+    if args.corpus:   # files must stay inside the corpus folder (no absolute paths, `..` or symlinks out)
+        items = from_corpus(args.corpus, args.split or "", unsafe)
     else:
         if not args.label or not args.generator:
             log.error("ingest needs --label and --generator (or --corpus DIR with a MANIFEST.csv)")
@@ -139,7 +140,8 @@ def _cmd_ingest(args, params) -> int:
         info = ClipInfo(label=args.label, generator=args.generator, speaker=args.speaker, language=args.language,
                         source=args.source or "", split=args.split or "")
         items = [(p, info) for p in find_audio(args.paths)]
-    report = ingest(items, Path(cfg.store), Path(cfg.quarantine), params.audio, cfg)
+    report = ingest(items, Path(cfg.store), Path(cfg.quarantine), params.audio, cfg,
+                    within=args.corpus, rejected=unsafe)
     write_json(cfg.report, report.to_dict())
     for row in report.added:
         print(f"added      {row['original_name']} -> {cfg.store}/{row['path']} ({row['label']}, {row['generator']}, {row['split']})")

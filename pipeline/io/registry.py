@@ -50,6 +50,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import atomic
 from pipeline.io import tracking
 from pipeline.config import Params, RegistryConfig
 from pipeline.core.model import Detector, load_checkpoint
@@ -545,10 +546,7 @@ def export_champion(path: str | Path, name: str = DEFAULT_NAME) -> Resolved:
     resolved = resolve(CHAMPION, name)
     path = Path(path)
     if not path.exists() or not _same_bytes(path, resolved.checkpoint_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        shutil.copyfile(resolved.checkpoint_path, tmp)
-        tmp.replace(path)
+        atomic.copy_file(resolved.checkpoint_path, path)
     return resolved
 
 

@@ -9,12 +9,14 @@ Copy i of a clip is reproducible from (its sha256, i).
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 import sys
 from pathlib import Path
 
 import soundfile as sf
 
+from pipeline import atomic
 from pipeline.core.audio import load_audio
 from pipeline.core.augment import augment_copies
 from pipeline.config import Params
@@ -57,10 +59,11 @@ def run(params: Params) -> dict:
             # scaling down a loud copy changes nothing downstream: log-mel features are gain-invariant
             sf.write(out / name, copy * min(1.0, 0.99 / peak) if peak else copy, sr, subtype="PCM_16")
             index.append({"file": name, "sha256": row["sha256"], "generator": row["generator"], "copy": i})
-    with (out / INDEX).open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "sha256", "generator", "copy"])
-        w.writeheader()
-        w.writerows(index)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["file", "sha256", "generator", "copy"], lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(index)
+    atomic.write_text(out / INDEX, buf.getvalue())   # last: a folder without its index is an unfinished run
     return {"new_clips": len(rows), "copies": len(index), "generators": sorted({r["generator"] for r in rows}), "out": str(out)}
 
 

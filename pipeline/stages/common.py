@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.config import Params, ParamsError, apply_threads, load_params
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,5 @@ def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    return path
+    """A report, written atomically (temp + fsync + rename): a reader never sees half of one."""
+    return atomic.write_text(path, json.dumps(data, indent=2, default=float) + "\n")

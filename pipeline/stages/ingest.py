@@ -2,7 +2,8 @@
 
 The incoming folder's layout says what each file is: `<incoming>/<human|ai>/<generator>/...`
 (human files may sit directly under `human/`). Files already in the store are skipped, so the
-stage can run on the same folder again; nothing under `incoming` is moved or modified.
+stage can run on the same folder again; nothing under `incoming` is moved or modified. A symlink that
+resolves outside `incoming` is rejected without being read.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def incoming_items(incoming: Path) -> list[tuple[Path, ClipInfo]]:
 
 def run(params: Params) -> dict:
     cfg = params.ingest
-    report = ingest(incoming_items(Path(cfg.incoming)), Path(cfg.store), Path(cfg.quarantine), params.audio, cfg)
+    incoming = Path(cfg.incoming)
+    report = ingest(incoming_items(incoming), Path(cfg.store), Path(cfg.quarantine), params.audio, cfg, within=incoming)
     write_json(cfg.report, report.to_dict())
     return {"added": len(report.added), "duplicates": len(report.duplicates), "rejected": len(report.rejected),
             "store": cfg.store, "report": cfg.report}

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import atomic
 from pipeline.config import Params, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
 from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
@@ -260,6 +261,5 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
                         "source": it.clip.source, "ai_score": round(s, 6)} for it, s in zip(val, scores)],
         "wall_s": round(time.time() - started, 1),
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(result, indent=2, default=float))
+    atomic.write_text(report, json.dumps(result, indent=2, default=float))
     return result
