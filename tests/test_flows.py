@@ -52,7 +52,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def make_project(root: Path, corpus, *, gates: dict, promotion: str = "manual") -> Path:
     """A fresh project: dvc.yaml, pipeline/, flows/, tiny params, git + dvc init, the corpus ingested
-    into the store, and two clips of a new generator waiting in data/incoming."""
+    into the store, and three clips of a new generator waiting in data/incoming."""
     from pipeline.apps.cli import main as aivoice
 
     root.mkdir(parents=True, exist_ok=True)
@@ -72,8 +72,8 @@ def make_project(root: Path, corpus, *, gates: dict, promotion: str = "manual") 
         assert aivoice(["ingest", "--corpus", str(corpus.root)]) == 0, "the starting corpus is ingested"
     incoming = root / "data" / "incoming" / "ai" / "piper-joe"
     incoming.mkdir(parents=True)
-    for clip in sorted(corpus.new_generator_dir.glob("*.wav"))[:2]:
-        shutil.copy(clip, incoming / clip.name)
+    for clip in sorted(corpus.new_generator_dir.glob("*.wav"))[:3]:   # the first lands in the test split (by hash):
+        shutil.copy(clip, incoming / clip.name)                        # two to train on, one never trained on
     return root
 
 

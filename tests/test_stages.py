@@ -67,7 +67,7 @@ def test_ingest_dedupes_quarantines_and_never_touches_the_originals(project, sma
 
 def test_augment_stage_is_reproducible(project, small_corpus, tiny_params):
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], tiny_params)
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new], tiny_params)
     first = augment_stage.run(tiny_params)
     out = Path(tiny_params.augment_stage.out)
     files = {p.name: p.read_bytes() for p in out.glob("*.wav")}
@@ -77,6 +77,23 @@ def test_augment_stage_is_reproducible(project, small_corpus, tiny_params):
         assert sr == 24000 and len(wave) == 72000 and np.isfinite(wave).all(), "3 s at 24 kHz, finite"
     augment_stage.run(tiny_params)
     assert {p.name: p.read_bytes() for p in out.glob("*.wav")} == files, "same inputs and seed, same bytes"
+
+
+def test_augment_never_copies_test_split_clips_of_the_new_generator(project, small_corpus, tiny_params):
+    # given three clips of the new generator, one of them placed in the test split at ingest
+    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:3]
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new[:2]], tiny_params)
+    _ingest([(new[2], ClipInfo(label="ai", generator="piper-joe", split="test"))], tiny_params)
+    test_sha = hashlib.sha256(new[2].read_bytes()).hexdigest()
+    # when the augment stage makes the training copies
+    out = augment_stage.run(tiny_params)
+    # then the test-split clip has no copy: it is never trained on
+    index = (Path(tiny_params.augment_stage.out) / augment_stage.INDEX).read_text()
+    assert out["new_clips"] == 2 and test_sha not in index, f"test-split clip left out: {out}"
+    # and with only test-split clips there is nothing to train on, which is said
+    only_test = [r | {"split": "test"} for r in read_manifest(Path(tiny_params.ingest.store))]
+    with pytest.raises(CorpusError, match="test split"):
+        augment_stage.new_samples(only_test, ("piper-joe",))
 
 
 def test_finetune_refuses_one_class(project, small_corpus, tiny_params):
@@ -93,7 +110,7 @@ def _store_with_new_samples(small_corpus, params, n_new=2):
     """The corpus and `n_new` new-generator clips stored, their copies augmented; a fresh narrow base model."""
     _ingest(from_corpus(small_corpus.root), params)
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:n_new]
-    _ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], params)
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new], params)
     augment_stage.run(params)
     torch.manual_seed(0)
     return new_model(["en"], params.audio, params.features, 8, 0.0).eval()

@@ -1,7 +1,8 @@
 """Stage augment: the production report's recipe applied to the new samples.
 
-New samples are the stored AI clips of `augment_stage.new_generators` (default: the AI generators
-of the latest ingest batch). Each gets `augment.copies` random 3 s crops, augmented (stretch,
+New samples are the stored train-split AI clips of `augment_stage.new_generators` (default: the AI
+generators of the latest ingest batch). The new generator's test-split clips are never augmented, so
+never trained on: the validate stage scores them with the candidate as held-out files. Each gets `augment.copies` random 3 s crops, augmented (stretch,
 codec, band limit, gain, noise), written as 16-bit WAV beside an index.csv; the spectrogram part
 of the recipe (mel pitch shift, SpecAugment) is applied when the copies are embedded in finetune.
 Copy i of a clip is reproducible from (its sha256, i).
@@ -38,7 +39,11 @@ def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
     chosen = [r for r in ai if r["generator"] in generators]
     if not chosen:
         raise CorpusError(f"no stored AI clips of generator(s) {', '.join(generators)}")
-    return chosen
+    train = [r for r in chosen if r.get("split") != "test"]
+    if not train:
+        raise CorpusError(f"all {len(chosen)} stored clip(s) of generator(s) {', '.join(generators)} are in the test "
+                          "split (ingest.test_fraction): nothing to train on; ingest more clips of it")
+    return train
 
 
 def run(params: Params) -> dict:

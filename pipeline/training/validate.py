@@ -1,9 +1,10 @@
 """Validation: the candidate AND the production model on the same held-out data, and the gates.
 
 Held-out data: the store's `test` split (humans never trained on, earlier AI generators) less the
-humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is judged on the new files leave-one-file-out (each scored by a
-candidate made without it, at that candidate's own calibrated threshold: pipeline.training.finetune);
-production scores them directly. Every rate carries its count and 95 % Wilson interval.
+humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is judged on
+the new generator's train-split files leave-one-file-out (each scored by a candidate made without it, at
+that candidate's own calibrated threshold: pipeline.training.finetune), and on its test-split files,
+which no candidate trained on (the augment stage leaves them out), directly; production scores them all. Every rate carries its count and 95 % Wilson interval.
 
 The verdict is `passed`, `failed`, or `insufficient evidence` (fewer new files or calibration humans
 than the gates need: it says what is missing). Candidate and production are compared at the same human
@@ -140,10 +141,15 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     for name, model in (("candidate", candidate), ("production", production)):
         kept, scores, results = score_clips(model, test, params)
         thr = model.meta.threshold
-        if name == "candidate":   # each new file as scored by the candidate made without it, at its own threshold
+        if name == "candidate":   # each new file as scored by the candidate made without it, at its own threshold;
+            # the new generator's test-split files were never trained on: the candidate itself scores them
             new_kept = [c for c in new if c.sha256 in lofo]
             new_scores = [lofo[c.sha256]["score"] for c in new_kept]
             caught = [lofo[c.sha256]["caught"] for c in new_kept]
+            unseen, unseen_scores, _ = score_clips(model, [c for c in new if c.split == "test" and c.sha256 not in lofo],
+                                                   params)
+            new_kept, new_scores = new_kept + unseen, new_scores + unseen_scores
+            caught += [s >= thr for s in unseen_scores]
         else:
             new_kept, new_scores, _ = score_clips(model, new, params)
             caught = [s >= thr for s in new_scores]
@@ -163,7 +169,7 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     cand, prod = out["candidate"], out["production"]
     agree = {h: float(np.mean([a == b for a, b in zip(cand[h], prod[h])])) for h in ("language", "speakers")}
     frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"])
-    evidence = {"new_files": len(lofo), "calibration_humans": finetune_report["calibration"]["n_humans"],
+    evidence = {"new_files": cand["n_new"], "calibration_humans": finetune_report["calibration"]["n_humans"],
                 "calibration_sources": finetune_report["calibration"].get("n_sources"), "test_humans": cand["fpr"]["n"],
                 "test_ai": cand["recall"]["n"]}
     key = gate_data_key(test, new)
@@ -171,7 +177,8 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     _, seen, _ = score_clips(candidate, new, params)
     before_after = [{"file": c.sha256[:16], "generator": c.generator, "production": round(p, 4),
                      "candidate_trained_on_it": round(s, 4),
-                     "candidate_held_out": round(lofo[c.sha256]["score"], 4) if c.sha256 in lofo else None}
+                     "candidate_held_out": round(lofo[c.sha256]["score"], 4) if c.sha256 in lofo
+                     else round(s, 4) if c.split == "test" else None}
                     for c, p, s in zip(new, prod["new_scores"], seen)]
     verdict |= {"threshold": cand["threshold"], "lofo_method": finetune_report["lofo"]["method"],
                 "recipe": finetune_report.get("recipe"), "evidence": evidence, "gate_data": key,
