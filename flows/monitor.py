@@ -43,7 +43,7 @@ from pipeline.core.audio import find_audio
 from pipeline.config import Params, apply_threads, load_params
 from pipeline.apps.detect import AI_GENERATED, detect_files
 from pipeline.core.model import load_checkpoint
-from pipeline.core.scoring import Scorer
+from pipeline.core.scoring import Scorer, threshold_mismatch
 
 REVIEW_MANIFEST = "MANIFEST.csv"   # the name `aivoice ingest --corpus <folder>` reads
 REVIEW_COLUMNS = ("path", "ai_score", "threshold", "suggested_label", "label", "generator", "original_path", "day",
@@ -126,6 +126,10 @@ def score_traffic(paths: list[str], checkpoint: str, params: Params, device: str
         raise FileNotFoundError(f"no audio files in {', '.join(paths)}")
     model = load_checkpoint(checkpoint, params.audio)
     threshold = model.meta.threshold
+    mismatch = threshold_mismatch(model.meta, params)
+    if mismatch:
+        get_run_logger().warning("the model's threshold was calibrated with other scoring settings: %s; its "
+                                 "false-positive rate does not hold here", mismatch)
     scorer = Scorer(model, params.audio, device)
     rows = [{"path": d.path, "ai_score": d.ai_score, "ai": d.label == AI_GENERATED, "error": d.error,
              "day": clip_day(Path(d.path)).isoformat()} for d in detect_files(files, scorer, params, threshold)]

@@ -13,6 +13,7 @@ from pipeline.config import GatesConfig
 from pipeline.core.data import Clip, CorpusError, read_corpus
 from pipeline.core.metrics import rate
 from pipeline.core.model import load_checkpoint, new_model, save_checkpoint
+from pipeline.core.scoring import scoring_settings
 from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
@@ -229,6 +230,7 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
         f"only layer4 and the ai head may change: {sorted(changed)}"
     assert any(k.startswith("trunk.layer4.") for k in changed), "layer4 did train"
     assert report["trained"] == "ai head + layer4", report["trained"]
+    assert candidate.meta.threshold_scoring == scoring_settings(params), "the threshold carries its scoring settings"
 
 
 def test_input_layers_finetune_trains_the_stem_and_layer1_only(project, small_corpus, tiny_params):

@@ -17,11 +17,19 @@ def _cmd_detect(args, params) -> int:
     from pipeline.io import registry
     from pipeline.core.audio import find_audio
     from pipeline.apps.detect import detect_files, write_results
-    from pipeline.core.scoring import Scorer
+    from pipeline.core.scoring import Scorer, threshold_mismatch
 
     model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
     model_ref = _describe_model(resolved, params)
     threshold = args.threshold if args.threshold is not None else model.meta.threshold
+    mismatch = threshold_mismatch(model.meta, params) if args.threshold is None else None
+    if mismatch:   # its false-positive rate was measured under other scoring settings
+        if not args.force:
+            log.error("%s: threshold %.3f was calibrated with other scoring settings: %s; set them back, give "
+                      "--threshold, or --force", model_ref, threshold, mismatch)
+            return 2
+        log.warning("%s: threshold %.3f was calibrated with other scoring settings (%s); --force: using it anyway",
+                    model_ref, threshold, mismatch)
     scorer = Scorer(model, params.audio, args.device)
     paths = find_audio(args.paths)
     if not paths:
@@ -279,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", help="alias, version, models:/ or runs:/ URI, or a checkpoint file (default: detect.model, champion)")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--force", action="store_true", help="use the model's threshold although detect.hop_s, aggregate, "
+                   "silent_window_db or audio.segment_s differ from those it was calibrated with (a warning)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=_cmd_detect)

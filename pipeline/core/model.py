@@ -89,6 +89,8 @@ class ModelMeta:
     params_hash: str = ""
     notes: dict = field(default_factory=dict)
     cosine_head: dict = field(default_factory=dict)   # {"kind", "generators", "n_prototypes"} when present
+    threshold_scoring: dict = field(default_factory=dict)   # the scoring settings `threshold` was calibrated
+    # with (pipeline.core.scoring.scoring_settings); empty for an uncalibrated or older checkpoint
 
     def feature_config(self) -> FeatureConfig:
         """The front end this model was trained with (keys an older checkpoint lacks take the defaults,

@@ -111,6 +111,8 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     validation = (status or _STATUS[gates_passed]).replace(" ", "-")
     version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
                                       "checkpoint": Path(ckpt_path).name}
+    if meta.threshold_scoring:   # the scoring settings the threshold holds under (core.scoring.scoring_settings)
+        version_tags["threshold_scoring"] = json.dumps(meta.threshold_scoring, sort_keys=True)
     if base_version is None and not base and (gates_passed is not None or status):
         base_version = aliases(name).get(CHAMPION)
     if base_version is not None and not base:

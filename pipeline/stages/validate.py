@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -11,9 +12,13 @@ import pandas as pd
 from pipeline.io import registry, tracking
 from pipeline.config import Params
 from pipeline.core.model import load_checkpoint
+from pipeline.core.scoring import threshold_mismatch
 from pipeline.training.plots import write_plots
 from pipeline.stages.common import stage_main, write_json
 from pipeline.training.validate import gate_data_key, held_out_clips, validate
+
+log = logging.getLogger(__name__)
+
 
 def summary(m: dict) -> dict:
     """One model's numbers for `dvc metrics`: flat, every rate with its interval."""
@@ -34,6 +39,9 @@ def run(params: Params) -> dict:
     base_version = registry.aliases(params.registry.model_name).get(registry.CHAMPION)
     candidate = load_checkpoint(params.finetune.out, params.audio)
     production = load_checkpoint(params.finetune.base_model, params.audio)
+    mismatch = threshold_mismatch(production.meta, params)
+    if mismatch:   # the gates compare both models at one human FPR; production's own threshold is only reported
+        log.warning("production's threshold was calibrated with other scoring settings: %s", mismatch)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
     test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
                                set(finetune_report["calibration"].get("clips", [])))

@@ -34,7 +34,7 @@ from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data
 from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
-from pipeline.core.scoring import pick_device, score_model
+from pipeline.core.scoring import pick_device, score_model, scoring_settings
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.evaluate import evaluate
@@ -247,7 +247,7 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
                             {it.clip.source for it in val if it.clip.label == 0})
     metrics = evaluate([it.clip for it in val], scores, calibration["threshold"])
     dhash = data_hash([it.clip for it in loaded])
-    save_checkpoint(model, out, threshold=calibration["threshold"], data_hash=dhash, params_hash=params_hash(params),
+    save_checkpoint(model, out, threshold=calibration["threshold"], threshold_scoring=scoring_settings(params), data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
                            "twins": n_twins, "split_by": split_by, "calibration": calibration,
                            "val_sources": sorted({it.clip.source for it in val})})
