@@ -290,6 +290,15 @@ class ValidateConfig(Section):
     gates: GatesConfig = GatesConfig()
 
 
+class StorageConfig(Section):
+    """Disk guard and retention (pipeline.io.disk)."""
+
+    min_free_gb: float = Field(2.0, ge=0, description="ingest, twins, augment, finetune and bootstrap refuse to start "
+                               "with less free disk where they write (0 = no check)")
+    keep_candidates: int = Field(5, ge=0, description="`aivoice gc` keeps the local checkpoint copies of this many "
+                                 "newest versions without an alias (aliased versions are always kept)")
+
+
 class RegistryConfig(Section):
     """MLflow Model Registry: the registered model, the experiment of training runs, promotion mode."""
 
@@ -349,6 +358,7 @@ class Params(Section):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     compute: ComputeConfig = ComputeConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 class ParamsError(ValueError):
@@ -378,7 +388,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ParamsError(f"{path}: {key}: {first['msg']}") from None
 
 
-_NOT_HASHED = {"compute"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
+_NOT_HASHED = {"compute", "storage"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
 
 
 def params_hash(params: BaseModel) -> str:

@@ -10,7 +10,7 @@ from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
 # commands that only talk to the registry or start other programs: no torch work, so no thread setting
-_NO_COMPUTE = frozenset({"promote", "rollback", "models", "export-champion", "ui", "schedule"})
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "export-champion", "ui", "schedule", "gc"})
 
 
 def _cmd_detect(args, params) -> int:
@@ -137,7 +137,10 @@ def _cmd_ingest(args, params) -> int:
     from pipeline.stages.common import write_json
     from pipeline.io.store import ClipInfo, from_corpus, ingest
 
+    from pipeline.io.disk import require_free
+
     cfg = params.ingest
+    require_free(cfg.store, params.storage.min_free_gb, "ingest")
     unsafe: list[dict] = []
     if args.corpus:   # files must stay inside the corpus folder (no absolute paths, `..` or symlinks out)
         items = from_corpus(args.corpus, args.split or "", unsafe)
@@ -160,6 +163,26 @@ def _cmd_ingest(args, params) -> int:
     print(f"{len(report.added)} added, {len(report.duplicates)} already present, {len(report.rejected)} rejected; "
           f"report: {cfg.report}. Version the store with `dvc commit` (or `dvc repro`) and `git commit dvc.lock`.")
     return 1 if report.rejected else 0
+
+
+def _cmd_gc(args, params) -> int:
+    from pipeline.io.retention import collect_garbage
+
+    keep = params.storage.keep_candidates if args.keep is None else args.keep
+    res = collect_garbage(params.registry.model_name, keep, None if args.no_dvc else ".", args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{res['versions']} registry versions, all kept; local checkpoints kept for v{', v'.join(map(str, res['kept']))}"
+          if res["kept"] else f"{res['versions']} registry versions, all kept")
+    for folder in res["removed"]:
+        print(f"{verb}  {folder}")
+    print(f"checkpoint cache: {res['cache_freed_bytes'] / 1e6:.1f} MB {'to free' if args.dry_run else 'freed'}")
+    if res["dvc"] is None:
+        print("DVC cache: left alone" + ("" if args.no_dvc else " (no .dvc folder here)"))
+    elif res["dvc"]["ran"]:
+        print(f"DVC cache (dvc gc -w): {res['dvc']['freed_bytes'] / 1e6:.1f} MB freed, {res['dvc']['cache_bytes'] / 1e6:.1f} MB left")
+    else:
+        print(f"DVC cache: {res['dvc']['cache_bytes'] / 1e6:.1f} MB; `dvc gc -w` would keep only what the workspace uses")
+    return 0
 
 
 def _cmd_promote(args, params) -> int:
@@ -351,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="registered versions, aliases, key metrics, gates and promotion history")
     p.set_defaults(func=_cmd_models)
 
+    p = sub.add_parser("gc", help="remove local checkpoint copies of old unaliased versions and unused DVC cache "
+                       "(registry versions and aliased models are never deleted)")
+    p.add_argument("--keep", type=int, help="newest unaliased versions to keep (default: storage.keep_candidates)")
+    p.add_argument("--no-dvc", action="store_true", help="leave the DVC cache alone (no `dvc gc -w`)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.set_defaults(func=_cmd_gc)
+
     p = sub.add_parser("export-champion", help="write the champion's checkpoint to a file (the DVC pipeline's production model)")
     p.add_argument("path", nargs="?", default="models/production.pt", type=Path)
     p.set_defaults(func=_cmd_export)
@@ -391,13 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.data import CorpusError
     from pipeline.core.model import CheckpointError
     from pipeline.io.registry import RegistryError
+    from pipeline.io.disk import DiskSpaceError
 
     try:
         params = load_params(args.params)
         if args.command not in _NO_COMPUTE:
             apply_threads(params)   # compute.threads, before any model is loaded
         return args.func(args, params)
-    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError) as err:
+    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError, DiskSpaceError) as err:
         log.error("%s", err)
         return 2
 

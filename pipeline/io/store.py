@@ -164,9 +164,9 @@ def ingest(items: list[tuple[Path, ClipInfo]], store: Path, quarantine: Path, au
                     tmp.unlink()
                     continue
                 duration, rate = check_clip(tmp, audio, cfg)
-            except OSError as exc:
+            except OSError as exc:   # unreadable source, or the store's disk is full (nothing half-written stays)
                 tmp.unlink(missing_ok=True)
-                report.rejected.append({"file": str(src), "reason": f"unreadable ({exc.strerror or exc})",
+                report.rejected.append({"file": str(src), "reason": f"not copied ({exc.strerror or exc})",
                                         "quarantined_as": ""})
                 continue
             except _Changing as exc:

@@ -22,6 +22,7 @@ from pipeline.core.audio import load_audio
 from pipeline.core.augment import augment_copies
 from pipeline.config import Params
 from pipeline.core.data import CorpusError
+from pipeline.io.disk import require_free
 from pipeline.stages.common import stage_main
 from pipeline.io.store import read_manifest
 
@@ -48,6 +49,7 @@ def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
 
 def run(params: Params) -> dict:
     store, out = Path(params.ingest.store), Path(params.augment_stage.out)
+    require_free(out, params.storage.min_free_gb, "augment")
     rows = new_samples(read_manifest(store), params.augment_stage.new_generators)
     if out.exists():
         shutil.rmtree(out)   # this stage owns its output folder (DVC removes it too before a run)

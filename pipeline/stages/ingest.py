@@ -14,6 +14,7 @@ from pipeline.core.audio import find_audio
 from pipeline.config import Params
 from pipeline.core.data import LABELS
 from pipeline.stages.common import stage_main, write_json
+from pipeline.io.disk import require_free
 from pipeline.io.store import ClipInfo, ingest
 
 
@@ -30,6 +31,7 @@ def incoming_items(incoming: Path) -> list[tuple[Path, ClipInfo]]:
 
 def run(params: Params) -> dict:
     cfg = params.ingest
+    require_free(cfg.store, params.storage.min_free_gb, "ingest")
     incoming = Path(cfg.incoming)
     report = ingest(incoming_items(incoming), Path(cfg.store), Path(cfg.quarantine), params.audio, cfg, within=incoming)
     write_json(cfg.report, report.to_dict())
