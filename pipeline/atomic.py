@@ -104,13 +104,14 @@ def sweep_temps(folder: str | Path) -> list[Path]:
         return removed
     for p in folder.rglob(".*.tmp*"):
         m = _TEMP.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
+        if m and p.is_file() and not pid_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
     if pid == os.getpid():
         return True
     try:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import atomic
+from pipeline.faults import fault_point
 from pipeline.config import Params, ParamsError, apply_threads, load_params
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None)
         params = load_params(args.params)
         apply_threads(params)
         outputs = run(params)
+        fault_point(f"{name}.done")   # outputs written, the stage not yet reported done to DVC
     except (ParamsError, ValueError, FileNotFoundError) as err:
         log.error("%s stage: %s", name, err)
         return 2

@@ -13,6 +13,7 @@ from pipeline.io import registry, tracking
 from pipeline.config import Params
 from pipeline.core.model import load_checkpoint
 from pipeline.core.scoring import threshold_mismatch
+from pipeline.faults import fault_point
 from pipeline.training.plots import write_plots
 from pipeline.stages.common import stage_main, write_json
 from pipeline.training.validate import gate_data_key, held_out_clips, validate
@@ -46,7 +47,7 @@ def run(params: Params) -> dict:
     test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
                                set(finetune_report["calibration"].get("clips", [])))
     key = gate_data_key(test, new)
-    earlier = registry.count_versions("gate_data", key, params.registry.model_name)
+    earlier = registry.count_versions("gate_data", key, params.registry.model_name, exclude_checkpoint=params.finetune.out)
     result = validate(candidate, production, finetune_report, params, earlier_tries=earlier)
     models = result["models"]
     metrics = {name: summary(m) for name, m in models.items()}
@@ -57,6 +58,7 @@ def run(params: Params) -> dict:
     candidate_scores = {"scores": models["candidate"]["scores"], "labels": models["candidate"]["labels"]}
     verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"],
                                                      candidate_scores, base_version=base_version)
+    fault_point("validate.registered")
     write_json(cfg.verdict, verdict)
     return {"passed": verdict["passed"], "status": verdict["status"], "reasons": verdict["reasons"],
             "verdict": cfg.verdict, "model_version": verdict["model_version"]}
