@@ -18,6 +18,7 @@ and queue the clips the model is least sure about for a person to label.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -35,13 +36,14 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES
+from pipeline import atomic
 from pipeline.core import drift
 from pipeline.io import registry, tracking
 from pipeline.core.audio import find_audio
 from pipeline.config import Params, apply_threads, load_params
 from pipeline.apps.detect import AI_GENERATED, detect_files
 from pipeline.core.model import load_checkpoint
-from pipeline.core.scoring import Scorer
+from pipeline.core.scoring import Scorer, threshold_mismatch
 
 REVIEW_MANIFEST = "MANIFEST.csv"   # the name `aivoice ingest --corpus <folder>` reads
 REVIEW_COLUMNS = ("path", "ai_score", "threshold", "suggested_label", "label", "generator", "original_path", "day",
@@ -124,6 +126,10 @@ def score_traffic(paths: list[str], checkpoint: str, params: Params, device: str
         raise FileNotFoundError(f"no audio files in {', '.join(paths)}")
     model = load_checkpoint(checkpoint, params.audio)
     threshold = model.meta.threshold
+    mismatch = threshold_mismatch(model.meta, params)
+    if mismatch:
+        get_run_logger().warning("the model's threshold was calibrated with other scoring settings: %s; its "
+                                 "false-positive rate does not hold here", mismatch)
     scorer = Scorer(model, params.audio, device)
     rows = [{"path": d.path, "ai_score": d.ai_score, "ai": d.label == AI_GENERATED, "error": d.error,
              "day": clip_day(Path(d.path)).isoformat()} for d in detect_files(files, scorer, params, threshold)]
@@ -224,11 +230,12 @@ def queue_for_review(rows: list[dict], threshold: float, model_version: int | No
                         "suggested_label": suggested, "label": "", "generator": "", "original_path": str(src.resolve()),
                         "day": r["day"], "model_version": "" if model_version is None else model_version})
     manifest = folder / REVIEW_MANIFEST
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=REVIEW_COLUMNS)
-        writer.writeheader()
-        writer.writerows(entries)
-    (folder / "README.txt").write_text(
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=REVIEW_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(entries)
+    atomic.write_text(manifest, buf.getvalue())
+    atomic.write_text(folder / "README.txt",
         "Clips the detector was least sure about (closest to its threshold), copied from production traffic.\n"
         "1. Listen; fill `label` with human or ai (and `generator` for AI, if known); delete rows you cannot decide.\n"
         f"2. aivoice ingest --corpus {folder}\n"

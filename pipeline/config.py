@@ -213,6 +213,8 @@ class IngestConfig(Section):
     max_duration_s: float = Field(600.0, gt=0)
     test_fraction: float = Field(0.25, ge=0, lt=1, description="share of files (or speakers) held out for validation")
     split_by: Literal["file", "speaker"] = Field("file", description="speaker: needs many speakers per class")
+    quarantine_max_mb: float = Field(500.0, ge=0, description="rejected files are copied to quarantine while the "
+                                     "folder stays under this size; past it they are only listed in the report")
 
 
 class AugmentStageConfig(Section):
@@ -291,6 +293,15 @@ class ValidateConfig(Section):
     gates: GatesConfig = GatesConfig()
 
 
+class StorageConfig(Section):
+    """Disk guard and retention (pipeline.io.disk)."""
+
+    min_free_gb: float = Field(2.0, ge=0, description="ingest, twins, augment, finetune and bootstrap refuse to start "
+                               "with less free disk where they write (0 = no check)")
+    keep_candidates: int = Field(5, ge=0, description="`aivoice gc` keeps the local checkpoint copies of this many "
+                                 "newest versions without an alias (aliased versions are always kept)")
+
+
 class RegistryConfig(Section):
     """MLflow Model Registry: the registered model, the experiment of training runs, promotion mode."""
 
@@ -352,6 +363,7 @@ class Params(Section):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     compute: ComputeConfig = ComputeConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 class ParamsError(ValueError):
@@ -381,7 +393,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ParamsError(f"{path}: {key}: {first['msg']}") from None
 
 
-_NOT_HASHED = {"compute"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
+_NOT_HASHED = {"compute", "storage"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
 
 
 def params_hash(params: BaseModel) -> str:

@@ -13,6 +13,7 @@ from pipeline.config import GatesConfig
 from pipeline.core.data import Clip, CorpusError, read_corpus
 from pipeline.core.metrics import rate
 from pipeline.core.model import load_checkpoint, new_model, save_checkpoint
+from pipeline.core.scoring import scoring_settings
 from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
@@ -121,6 +122,23 @@ def test_test_split_clips_of_the_new_generator_are_never_trained_on(project, sma
     assert verdict["evidence"]["new_files"] == 3 and "1 test-split file" in verdict["lofo_method"], verdict["evidence"]
     row = next(r for r in verdict["before_after"] if r["file"] == sha[:16])
     assert row["candidate_held_out"] == row["candidate_trained_on_it"], "the candidate never trained on it: one score"
+
+
+def test_augment_never_copies_test_split_clips_of_the_new_generator(project, small_corpus, tiny_params):
+    # given three clips of the new generator, one of them placed in the test split at ingest
+    new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:3]
+    _ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new[:2]], tiny_params)
+    _ingest([(new[2], ClipInfo(label="ai", generator="piper-joe", split="test"))], tiny_params)
+    test_sha = hashlib.sha256(new[2].read_bytes()).hexdigest()
+    # when the augment stage makes the training copies
+    out = augment_stage.run(tiny_params)
+    # then the test-split clip has no copy: it is never trained on
+    index = (Path(tiny_params.augment_stage.out) / augment_stage.INDEX).read_text()
+    assert out["new_clips"] == 2 and test_sha not in index, f"test-split clip left out: {out}"
+    # and with only test-split clips there is nothing to train on, which is said
+    only_test = [r | {"split": "test"} for r in read_manifest(Path(tiny_params.ingest.store))]
+    with pytest.raises(CorpusError, match="test split"):
+        augment_stage.new_samples(only_test, ("piper-joe",))
 
 
 def test_finetune_refuses_one_class(project, small_corpus, tiny_params):
@@ -257,6 +275,7 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
         f"only layer4 and the ai head may change: {sorted(changed)}"
     assert any(k.startswith("trunk.layer4.") for k in changed), "layer4 did train"
     assert report["trained"] == "ai head + layer4", report["trained"]
+    assert candidate.meta.threshold_scoring == scoring_settings(params), "the threshold carries its scoring settings"
 
 
 def test_input_layers_finetune_trains_the_stem_and_layer1_only(project, small_corpus, tiny_params):

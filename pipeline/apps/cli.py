@@ -10,18 +10,26 @@ from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
 # commands that only talk to the registry or start other programs: no torch work, so no thread setting
-_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule", "remote"})
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule", "remote", "gc"})
 
 
 def _cmd_detect(args, params) -> int:
     from pipeline.io import registry
     from pipeline.core.audio import find_audio
     from pipeline.apps.detect import detect_files, write_results
-    from pipeline.core.scoring import Scorer
+    from pipeline.core.scoring import Scorer, threshold_mismatch
 
     model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
     model_ref = _describe_model(resolved, params)
     threshold = args.threshold if args.threshold is not None else model.meta.threshold
+    mismatch = threshold_mismatch(model.meta, params) if args.threshold is None else None
+    if mismatch:   # its false-positive rate was measured under other scoring settings
+        if not args.force:
+            log.error("%s: threshold %.3f was calibrated with other scoring settings: %s; set them back, give "
+                      "--threshold, or --force", model_ref, threshold, mismatch)
+            return 2
+        log.warning("%s: threshold %.3f was calibrated with other scoring settings (%s); --force: using it anyway",
+                    model_ref, threshold, mismatch)
     scorer = Scorer(model, params.audio, args.device)
     paths = find_audio(args.paths)
     if not paths:
@@ -135,9 +143,13 @@ def _cmd_ingest(args, params) -> int:
     from pipeline.stages.common import write_json
     from pipeline.io.store import ClipInfo, from_corpus, ingest
 
+    from pipeline.io.disk import require_free
+
     cfg = params.ingest
-    if args.corpus:
-        items = from_corpus(args.corpus, args.split or "")
+    require_free(cfg.store, params.storage.min_free_gb, "ingest")
+    unsafe: list[dict] = []
+    if args.corpus:   # files must stay inside the corpus folder (no absolute paths, `..` or symlinks out)
+        items = from_corpus(args.corpus, args.split or "", unsafe)
     else:
         if not args.label or not args.generator:
             log.error("ingest needs --label and --generator (or --corpus DIR with a MANIFEST.csv)")
@@ -145,7 +157,8 @@ def _cmd_ingest(args, params) -> int:
         info = ClipInfo(label=args.label, generator=args.generator, speaker=args.speaker, language=args.language,
                         source=args.source or "", split=args.split or "")
         items = [(p, info) for p in find_audio(args.paths)]
-    report = ingest(items, Path(cfg.store), Path(cfg.quarantine), params.audio, cfg)
+    report = ingest(items, Path(cfg.store), Path(cfg.quarantine), params.audio, cfg,
+                    within=args.corpus, rejected=unsafe)
     write_json(cfg.report, report.to_dict())
     for row in report.added:
         print(f"added      {row['original_name']} -> {cfg.store}/{row['path']} ({row['label']}, {row['generator']}, {row['split']})")
@@ -156,6 +169,26 @@ def _cmd_ingest(args, params) -> int:
     print(f"{len(report.added)} added, {len(report.duplicates)} already present, {len(report.rejected)} rejected; "
           f"report: {cfg.report}. Version the store with `dvc commit` (or `dvc repro`) and `git commit dvc.lock`.")
     return 1 if report.rejected else 0
+
+
+def _cmd_gc(args, params) -> int:
+    from pipeline.io.retention import collect_garbage
+
+    keep = params.storage.keep_candidates if args.keep is None else args.keep
+    res = collect_garbage(params.registry.model_name, keep, None if args.no_dvc else ".", args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{res['versions']} registry versions, all kept; local checkpoints kept for v{', v'.join(map(str, res['kept']))}"
+          if res["kept"] else f"{res['versions']} registry versions, all kept")
+    for folder in res["removed"]:
+        print(f"{verb}  {folder}")
+    print(f"checkpoint cache: {res['cache_freed_bytes'] / 1e6:.1f} MB {'to free' if args.dry_run else 'freed'}")
+    if res["dvc"] is None:
+        print("DVC cache: left alone" + ("" if args.no_dvc else " (no .dvc folder here)"))
+    elif res["dvc"]["ran"]:
+        print(f"DVC cache (dvc gc -w): {res['dvc']['freed_bytes'] / 1e6:.1f} MB freed, {res['dvc']['cache_bytes'] / 1e6:.1f} MB left")
+    else:
+        print(f"DVC cache: {res['dvc']['cache_bytes'] / 1e6:.1f} MB; `dvc gc -w` would keep only what the workspace uses")
+    return 0
 
 
 def _cmd_promote(args, params) -> int:
@@ -319,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--model", help="alias, version, models:/ or runs:/ URI, or a checkpoint file (default: detect.model, champion)")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--force", action="store_true", help="use the model's threshold although detect.hop_s, aggregate, "
+                   "silent_window_db or audio.segment_s differ from those it was calibrated with (a warning)")
     p.add_argument("--format", choices=("table", "json", "csv", "hf"), default="table",
                    help="hf: per file, Hugging Face's audio-classification list [{label, score}, ...], one line each")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -387,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for report.html and plots/ (default: reports/versions/v<VERSION>)")
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("gc", help="remove local checkpoint copies of old unaliased versions and unused DVC cache "
+                       "(registry versions and aliased models are never deleted)")
+    p.add_argument("--keep", type=int, help="newest unaliased versions to keep (default: storage.keep_candidates)")
+    p.add_argument("--no-dvc", action="store_true", help="leave the DVC cache alone (no `dvc gc -w`)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    p.set_defaults(func=_cmd_gc)
+
     p = sub.add_parser("export-champion", help="write the champion's checkpoint to a file (the DVC pipeline's production model)")
     p.add_argument("path", nargs="?", default="models/production.pt", type=Path)
     p.set_defaults(func=_cmd_export)
@@ -436,13 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.data import CorpusError
     from pipeline.core.model import CheckpointError
     from pipeline.io.registry import RegistryError
+    from pipeline.io.disk import DiskSpaceError
 
     try:
         params = load_params(args.params)
         if args.command not in _NO_COMPUTE:
             apply_threads(params)   # compute.threads, before any model is loaded
         return args.func(args, params)
-    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError) as err:
+    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError, DiskSpaceError) as err:
         log.error("%s", err)
         return 2
 

@@ -85,19 +85,32 @@ def source_of(path: Path) -> str:
     return path.parent.name.split("__", 1)[0]
 
 
-def read_corpus(root: str | Path) -> list[Clip]:
-    """Clips of a corpus folder, from MANIFEST.csv if present, else from human/ and ai/ subfolders."""
+def read_corpus(root: str | Path, rejected: list[dict] | None = None) -> list[Clip]:
+    """Clips of a corpus folder, from MANIFEST.csv if present, else from human/ and ai/ subfolders.
+
+    A manifest row whose path is absolute or climbs out with `..` is refused: with `rejected` given it is
+    appended there ({"file", "reason", "quarantined_as"}) and the rest is read; without, CorpusError."""
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: not a folder")
     manifest = root / "MANIFEST.csv"
-    clips = _from_manifest(manifest) if manifest.exists() else _from_folders(root)
+    clips = _from_manifest(manifest, rejected) if manifest.exists() else _from_folders(root)
     if not clips:
         raise CorpusError(f"{root}: no clips (expected MANIFEST.csv or human/ and ai/ subfolders with audio)")
     return clips
 
 
-def _from_manifest(manifest: Path) -> list[Clip]:
+def unsafe_manifest_path(rel: str) -> str | None:
+    """Why a manifest's `path` may not be used (absolute, or `..` in it), or None."""
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        return "absolute path: manifest paths must be relative to the corpus folder"
+    if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
+        return "'..' in the path: manifest paths must stay inside the corpus folder"
+    return None
+
+
+def _from_manifest(manifest: Path, rejected: list[dict] | None = None) -> list[Clip]:
     root = manifest.parent
     with manifest.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -109,6 +122,13 @@ def _from_manifest(manifest: Path) -> list[Clip]:
             label = (row["label"] or "").strip().lower()
             if label not in LABELS:
                 raise CorpusError(f"{manifest}:{line}: label {row['label']!r} is not 'human' or 'ai'")
+            why = unsafe_manifest_path(row["path"] or "")
+            if why:
+                where = f"{manifest}:{line}: {row['path']}"
+                if rejected is None:
+                    raise CorpusError(f"{where}: {why}")
+                rejected.append({"file": where, "reason": why, "quarantined_as": ""})
+                continue
             path = root / row["path"]
             n_spk = (row.get("n_speakers") or "1").strip()
             if not n_spk.isdigit() or int(n_spk) < 1:

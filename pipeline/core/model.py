@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import atomic
 from pipeline.config import AudioConfig, FeatureConfig
 
 CHECKPOINT_FORMAT = "aivoice-checkpoint/1"
@@ -88,6 +89,8 @@ class ModelMeta:
     params_hash: str = ""
     notes: dict = field(default_factory=dict)
     cosine_head: dict = field(default_factory=dict)   # {"kind", "generators", "n_prototypes"} when present
+    threshold_scoring: dict = field(default_factory=dict)   # the scoring settings `threshold` was calibrated
+    # with (pipeline.core.scoring.scoring_settings); empty for an uncalibrated or older checkpoint
 
     def feature_config(self) -> FeatureConfig:
         """The front end this model was trained with (keys an older checkpoint lacks take the defaults,
@@ -174,9 +177,8 @@ def save_checkpoint(model: Detector, path: str | Path, **meta_updates) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = asdict(model.meta) | meta_updates
     meta["languages"] = list(meta["languages"])
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(path)
+    with atomic.atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "meta": meta}, tmp)
     return path
 
 

@@ -14,6 +14,24 @@ from pipeline.core.features import FrontEnd, windows
 from pipeline.core.model import AI_LABEL, SPEAKER_CLASSES, Detector
 
 
+def scoring_settings(params) -> dict:
+    """The settings a clip score depends on besides the model: a threshold calibrated under them holds its
+    false-positive rate only under them (recorded as the checkpoint's `threshold_scoring`)."""
+    d = params.detect
+    return {"hop_s": d.hop_s, "aggregate": d.aggregate, "silent_window_db": d.silent_window_db,
+            "segment_s": params.audio.segment_s}
+
+
+def threshold_mismatch(meta, params) -> str | None:
+    """How params' scoring settings differ from those the model's threshold was calibrated with (one line),
+    or None (same settings, or a checkpoint that does not record them)."""
+    calibrated = meta.threshold_scoring or {}
+    now = scoring_settings(params)
+    diff = [f"{'audio' if k == 'segment_s' else 'detect'}.{k} {now[k]!r} (calibrated with {calibrated[k]!r})"
+            for k in now if k in calibrated and calibrated[k] != now[k]]
+    return ", ".join(diff) or None
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -58,9 +58,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_USER
 
+from pipeline import atomic
 from pipeline.io import tracking
 from pipeline.config import Params, RegistryConfig
 from pipeline.core.model import Detector, load_checkpoint
+from pipeline.faults import fault_point
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 METRIC_TAGS = ("eer", "human_fpr", "new_gen_recall", "auc")
@@ -69,6 +71,7 @@ _ALIAS = re.compile(r"^[A-Za-z][\w-]*$")
 _EVENT_KEYS = ("at", "action", "version", "previous", "user", "reason", "forced")
 PENDING_TAG = "pending_move"   # registered-model tag: the champion move in progress (JSON event)
 BASE_VERSION_TAG = "base_version"
+CHECKPOINT_SHA_TAG = "checkpoint_sha256"   # one version per checkpoint's bytes: a re-run after a kill reuses it
 LOCK_TIMEOUT_S = 120.0
 LOCK_LEASE_S = 120.0       # a remote lock older than this is a crashed holder's: broken
 REMOTE_LOCK_MODEL = "aivoice.registry-lock"
@@ -121,16 +124,27 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     lineage = tracking.lineage_tags(params_hash=meta.params_hash, data_hash=meta.data_hash)
     given = {k: str(v) for k, v in (tags or {}).items()}  # may override lineage, never the validation status
     validation = (status or _STATUS[gates_passed]).replace(" ", "-")
+    sha = _file_sha256(Path(ckpt_path))
     version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
-                                      "checkpoint": Path(ckpt_path).name}
+                                      "checkpoint": Path(ckpt_path).name, CHECKPOINT_SHA_TAG: sha}
+    if meta.threshold_scoring:   # the scoring settings the threshold holds under (core.scoring.scoring_settings)
+        version_tags["threshold_scoring"] = json.dumps(meta.threshold_scoring, sort_keys=True)
     if base_version is None and not base and (gates_passed is not None or status):
         base_version = aliases(name).get(CHAMPION)
     if base_version is not None and not base:
         version_tags[BASE_VERSION_TAG] = str(base_version)
-    with _run(client, run_id, experiment or name):
-        mlflow.set_tags(lineage)
-        model_uri = tracking.log_checkpoint_model(ckpt_path)
-    version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
+    existing = _version_with_checkpoint(client, name, sha)
+    if existing is not None:   # these bytes were registered before (a re-run after a kill): one version, tags renewed
+        version = existing
+        for key, value in version_tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        log.info("%s v%d already holds this checkpoint (sha256 %s): tags updated, no new version", name, version, sha[:12])
+    else:
+        with _run(client, run_id, experiment or name):
+            mlflow.set_tags(lineage)
+            model_uri = tracking.log_checkpoint_model(ckpt_path)
+        version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
+    fault_point("registry.registered")
     if description:
         client.update_model_version(name, str(version), description=description)
     with _registry_lock(client):
@@ -145,7 +159,7 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
                 log.warning("%s v%d registered without an alias: the registry has no %s, and a version becomes "
                             "%s only when its gates passed (validation_status=%s) or it is a base model",
                             name, version, CHAMPION, CHAMPION, validation)
-        elif validation == "passed":
+        elif validation == "passed" and current.get(CHAMPION) != version:
             client.set_registered_model_alias(name, CHALLENGER, str(version))
     return version
 
@@ -247,8 +261,29 @@ def history(name: str = DEFAULT_NAME) -> list[dict]:
     return sorted(events, key=lambda e: e["at"])
 
 
-def count_versions(tag: str, value: str, name: str = DEFAULT_NAME) -> int:
-    """How many versions of `name` carry tag=value (e.g. candidates judged on the same gate data)."""
+def _version_with_checkpoint(client: MlflowClient, name: str, sha: str) -> int | None:
+    """The version of `name` registered from a checkpoint with these bytes, or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    same = [int(mv.version) for mv in found if mv.tags.get(CHECKPOINT_SHA_TAG) == sha]
+    return min(same) if same else None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def count_versions(tag: str, value: str, name: str = DEFAULT_NAME, exclude_checkpoint: str | Path | None = None) -> int:
+    """How many versions of `name` carry tag=value (e.g. candidates judged on the same gate data), not
+    counting one registered from `exclude_checkpoint`'s bytes (the candidate itself, after a kill)."""
     client = tracking.configure()
     try:
         found = client.search_model_versions(f"name = '{name}'")
@@ -256,7 +291,8 @@ def count_versions(tag: str, value: str, name: str = DEFAULT_NAME) -> int:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return 0
         raise
-    return sum(1 for mv in found if mv.tags.get(tag) == value)
+    skip = _file_sha256(Path(exclude_checkpoint)) if exclude_checkpoint else None
+    return sum(1 for mv in found if mv.tags.get(tag) == value and (skip is None or mv.tags.get(CHECKPOINT_SHA_TAG) != skip))
 
 
 def list_versions(name: str = DEFAULT_NAME) -> list[dict]:
@@ -331,6 +367,7 @@ def _move(client: MlflowClient, name: str, event: dict, *, fresh: bool = True) -
                                  f"{previous}, now {now.get(CHAMPION)}"
                                  f"{', a move is pending' if pending else ''}); nothing changed, try again")
     client.set_registered_model_tag(name, PENDING_TAG, json.dumps(event))
+    fault_point("registry.journal")
     version_tags = {"promoted_at": event["at"], "promoted_by": event["user"], "promotion_reason": event["reason"],
                     "promotion_action": event["action"]} | ({"forced": "true"} if event["forced"] else {})
     for key, value in version_tags.items():
@@ -339,7 +376,9 @@ def _move(client: MlflowClient, name: str, event: dict, *, fresh: bool = True) -
         _log_event(client, name, event)
     if previous is not None and previous != version:
         client.set_registered_model_alias(name, PREVIOUS, str(previous))
+    fault_point("registry.previous")
     client.set_registered_model_alias(name, CHAMPION, str(version))
+    fault_point("registry.champion")
     if _state(client, name)[0].get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
     client.delete_registered_model_tag(name, PENDING_TAG)
@@ -364,6 +403,9 @@ def _complete_pending(client: MlflowClient, name: str,
     current, pending = state or _state(client, name)
     if pending is None:
         return current
+    events = client.get_experiment_by_name(_events_experiment(name))
+    if events is not None:   # an event run a kill left RUNNING
+        tracking.end_dead_runs(client, [events.experiment_id])
     log.warning("%s: completing the interrupted %s of v%s (started %s by %s)", name, pending["action"],
                 pending["version"], pending["at"], pending["user"])
     _move(client, name, pending, fresh=False)
@@ -382,7 +424,7 @@ def _log_event(client: MlflowClient, name: str, event: dict) -> None:
     tags = {key: "" if event[key] is None else str(event[key]) for key in _EVENT_KEYS if key != "user"}
     tags |= {MLFLOW_USER: event["user"], "model": name}
     run = client.create_run(exp, run_name=f"{event['action']} v{event['version']}",
-                            tags=tags | {"event_id": event["id"]})
+                            tags=tags | {"event_id": event["id"]} | tracking.owner_tags())
     client.set_terminated(run.info.run_id)
 
 
@@ -636,10 +678,7 @@ def export_champion(path: str | Path, name: str = DEFAULT_NAME) -> Resolved:
     resolved = resolve(CHAMPION, name)
     path = Path(path)
     if not path.exists() or not _same_bytes(path, resolved.checkpoint_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        shutil.copyfile(resolved.checkpoint_path, tmp)
-        tmp.replace(path)
+        atomic.copy_file(resolved.checkpoint_path, path)
     return resolved
 
 

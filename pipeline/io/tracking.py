@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -32,8 +34,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
+from pipeline.atomic import pid_alive
 from pipeline.config import AudioConfig, FeatureConfig, Params, params_hash
 from pipeline.core.model import ModelMeta, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
@@ -114,8 +119,10 @@ def training_run(params: Params, run_name: str, *, run_id: str | None = None, da
     """Start (or, given run_id, resume) an MLflow run in the registry's experiment. A new run gets the
     flattened params, lineage tags and, when a Prefect flow runs it, the flow run id ($AIVOICE_FLOW_RUN_ID)."""
     client = configure()
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(client, params.registry.experiment),
-                          run_name=None if run_id else run_name) as run:
+    exp = experiment_id(client, params.registry.experiment)
+    end_dead_runs(client, [exp])
+    with mlflow.start_run(run_id=run_id, experiment_id=exp, run_name=None if run_id else run_name) as run:
+        mlflow.set_tags(owner_tags())
         if run_id is None:
             mlflow.log_params(flatten_params(params))
             tags = lineage_tags(params_hash=params_hash(params), data_hash=data_hash) | {"stage": run_name}
@@ -123,6 +130,29 @@ def training_run(params: Params, run_name: str, *, run_id: str | None = None, da
                 tags["prefect_flow_run_id"] = flow_run
             mlflow.set_tags(tags)
         yield run
+
+
+HOST_TAG, PID_TAG = "aivoice.host", "aivoice.pid"
+
+
+def owner_tags() -> dict[str, str]:
+    """The process that holds a run open, so that a later process can tell the run was orphaned by a kill."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs of these experiments whose owning process (this host, tagged pid) is
+    gone: a SIGKILL or an OOM kill leaves a run RUNNING forever otherwise. Returns their ids."""
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            client.set_tag(run.info.run_id, "killed_reason", f"process {pid} on {host} died while the run was open")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+            log.warning("MLflow run %s was left RUNNING by process %s, which is gone: marked KILLED", run.info.run_id, pid)
+    return ended
 
 
 def log_history(history: list[dict]) -> None:

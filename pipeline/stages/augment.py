@@ -1,7 +1,8 @@
 """Stage augment: the production report's recipe applied to the new samples.
 
-New samples are the stored AI clips of `augment_stage.new_generators` (default: the AI generators
-of the latest ingest batch). Each gets `augment.copies` random 3 s crops, augmented (stretch,
+New samples are the stored train-split AI clips of `augment_stage.new_generators` (default: the AI
+generators of the latest ingest batch). The new generator's test-split clips are never augmented, so
+never trained on: the validate stage scores them with the candidate as held-out files. Each gets `augment.copies` random 3 s crops, augmented (stretch,
 codec, band limit, gain, noise), written as 16-bit WAV beside an index.csv; the spectrogram part
 of the recipe (mel pitch shift, SpecAugment) is applied when the copies are embedded in finetune.
 Copy i of a clip is reproducible from (its sha256, i).
@@ -9,17 +10,20 @@ Copy i of a clip is reproducible from (its sha256, i).
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 import sys
 from pathlib import Path
 
 import soundfile as sf
 
+from pipeline import atomic
 from pipeline.core.audio import load_audio
 from pipeline.core.augment import augment_copies
 from pipeline.config import Params
 from pipeline.core.data import CorpusError
 from pipeline.progress import progress
+from pipeline.io.disk import require_free
 from pipeline.stages.common import stage_main
 from pipeline.io.store import read_manifest
 
@@ -47,6 +51,7 @@ def new_samples(rows: list[dict], generators: tuple[str, ...]) -> list[dict]:
 
 def run(params: Params) -> dict:
     store, out = Path(params.ingest.store), Path(params.augment_stage.out)
+    require_free(out, params.storage.min_free_gb, "augment")
     rows = new_samples(read_manifest(store), params.augment_stage.new_generators)
     if out.exists():
         shutil.rmtree(out)   # this stage owns its output folder (DVC removes it too before a run)
@@ -63,10 +68,11 @@ def run(params: Params) -> dict:
             # scaling down a loud copy changes nothing downstream: log-mel features are gain-invariant
             sf.write(out / name, copy * min(1.0, 0.99 / peak) if peak else copy, sr, subtype="PCM_16")
             index.append({"file": name, "sha256": row["sha256"], "generator": row["generator"], "copy": i})
-    with (out / INDEX).open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "sha256", "generator", "copy"])
-        w.writeheader()
-        w.writerows(index)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["file", "sha256", "generator", "copy"], lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(index)
+    atomic.write_text(out / INDEX, buf.getvalue())   # last: a folder without its index is an unfinished run
     return {"new_clips": len(rows), "copies": len(index), "generators": sorted({r["generator"] for r in rows}), "out": str(out)}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.io import registry, tracking
+from pipeline.io.disk import DiskSpaceError, require_free
 from pipeline.stages import evaluate
 from pipeline.config import Params, apply_threads, load_params
 from pipeline.core.data import LABELS
@@ -27,6 +28,7 @@ from pipeline.training.train import bootstrap
 def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None,
         twins: str | Path | None = None, lso: int = 0, seeds: int = 1) -> dict:
     """Train, log params/lineage/per-epoch and validation metrics/the report, register; return the report."""
+    require_free(out or params.train.out, params.storage.min_free_gb, "bootstrap")
     lso_tags, lso_result = {}, None
     if lso:
         lso_result = evaluate.run(params, corpus, lso, seeds, twins)
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     apply_threads(params)
-    result = run(params, args.corpus, twins=args.twins, lso=args.lso)
+    try:
+        result = run(params, args.corpus, twins=args.twins, lso=args.lso)
+    except DiskSpaceError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 2
     print(f"registered v{result['model_version']} (run {result['mlflow_run_id']})")
     return 0
 

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import atomic
+from pipeline.faults import fault_point
 from pipeline.config import Params, ParamsError, apply_threads, load_params
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None)
         params = load_params(args.params)
         apply_threads(params)
         outputs = run(params)
+        fault_point(f"{name}.done")   # outputs written, the stage not yet reported done to DVC
     except (ParamsError, ValueError, FileNotFoundError) as err:
         log.error("%s stage: %s", name, err)
         return 2
@@ -31,7 +34,5 @@ def stage_main(name: str, run: Callable[[Params], dict], argv: list[str] | None)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    return path
+    """A report, written atomically (temp + fsync + rename): a reader never sees half of one."""
+    return atomic.write_text(path, json.dumps(data, indent=2, default=float) + "\n")

@@ -11,17 +11,21 @@ from pipeline.config import Params, params_hash
 from pipeline.core.data import data_hash, read_corpus
 from pipeline.training.finetune import finetune
 from pipeline.core.model import load_checkpoint, save_checkpoint
+from pipeline.faults import fault_point
+from pipeline.io.disk import require_free
 from pipeline.stages.common import stage_main, write_json
 
 
 def run(params: Params) -> dict:
     """Fine-tune in an MLflow run that the validate stage resumes (one run per candidate)."""
     cfg = params.finetune
+    require_free(cfg.out, params.storage.min_free_gb, "finetune")
     production = load_checkpoint(cfg.base_model, params.audio)
     dhash = data_hash(read_corpus(Path(params.ingest.store)))
     with tracking.training_run(params, "finetune", data_hash=dhash) as active:
         mlflow.set_tags({"base_model_data_hash": production.meta.data_hash, "base_model": cfg.base_model})
         candidate, report = finetune(production, params)
+        fault_point("finetune.trained")
         tracking.log_history(report["history"])
         mlflow.log_metrics({"calibrated_threshold": report["calibration"]["threshold"],
                             "calibration_humans": report["calibration"]["n_humans"]}

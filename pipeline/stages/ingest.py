@@ -2,7 +2,8 @@
 
 The incoming folder's layout says what each file is: `<incoming>/<human|ai>/<generator>/...`
 (human files may sit directly under `human/`). Files already in the store are skipped, so the
-stage can run on the same folder again; nothing under `incoming` is moved or modified.
+stage can run on the same folder again; nothing under `incoming` is moved or modified. A symlink that
+resolves outside `incoming` is rejected without being read.
 
 Incoming AI clips are the retrain's training samples: stored in the train split, and judged
 leave-one-file-out (a hash split would hide one of two clips from training in 4 draws of 10). Human
@@ -18,6 +19,7 @@ from pipeline.core.audio import find_audio
 from pipeline.config import Params
 from pipeline.core.data import LABELS
 from pipeline.stages.common import stage_main, write_json
+from pipeline.io.disk import require_free
 from pipeline.io.store import ClipInfo, ingest
 
 
@@ -34,7 +36,9 @@ def incoming_items(incoming: Path) -> list[tuple[Path, ClipInfo]]:
 
 def run(params: Params) -> dict:
     cfg = params.ingest
-    report = ingest(incoming_items(Path(cfg.incoming)), Path(cfg.store), Path(cfg.quarantine), params.audio, cfg)
+    require_free(cfg.store, params.storage.min_free_gb, "ingest")
+    incoming = Path(cfg.incoming)
+    report = ingest(incoming_items(incoming), Path(cfg.store), Path(cfg.quarantine), params.audio, cfg, within=incoming)
     write_json(cfg.report, report.to_dict())
     return {"added": len(report.added), "duplicates": len(report.duplicates), "rejected": len(report.rejected),
             "store": cfg.store, "report": cfg.report}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,10 +13,15 @@ import pandas as pd
 from pipeline.io import registry, tracking, version_report
 from pipeline.config import Params
 from pipeline.core.model import load_checkpoint
+from pipeline.core.scoring import threshold_mismatch
+from pipeline.faults import fault_point
 from pipeline.training.plots import write_plots
 from pipeline.training.report import describe_candidate
 from pipeline.stages.common import stage_main, write_json
 from pipeline.training.validate import gate_data_key, held_out_clips, validate
+
+log = logging.getLogger(__name__)
+
 
 def summary(m: dict) -> dict:
     """One model's numbers for `dvc metrics`: flat, every rate with its interval."""
@@ -36,11 +42,14 @@ def run(params: Params) -> dict:
     base_version = registry.aliases(params.registry.model_name).get(registry.CHAMPION)
     candidate = load_checkpoint(params.finetune.out, params.audio)
     production = load_checkpoint(params.finetune.base_model, params.audio)
+    mismatch = threshold_mismatch(production.meta, params)
+    if mismatch:   # the gates compare both models at one human FPR; production's own threshold is only reported
+        log.warning("production's threshold was calibrated with other scoring settings: %s", mismatch)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
     test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
                                set(finetune_report["calibration"].get("clips", [])))
     key = gate_data_key(test, new)
-    earlier = registry.count_versions("gate_data", key, params.registry.model_name)
+    earlier = registry.count_versions("gate_data", key, params.registry.model_name, exclude_checkpoint=params.finetune.out)
     result = validate(candidate, production, finetune_report, params, earlier_tries=earlier)
     models = result["models"]
     metrics = {name: summary(m) for name, m in models.items()}
@@ -57,6 +66,7 @@ def run(params: Params) -> dict:
     verdict = result["verdict"] | register_candidate(params, finetune_report["mlflow_run_id"], metrics, result["verdict"],
                                                      candidate_scores, base_version=base_version, tables=tables,
                                                      held_out=held_out, description=description)
+    fault_point("validate.registered")
     # the report of the registered version, from what its run now holds (as `aivoice report` rebuilds it)
     verdict["report"] = version_report.publish(verdict["model_version"], Path(cfg.report), Path(cfg.plots),
                                                params.registry.model_name)

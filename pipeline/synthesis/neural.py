@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from pipeline import atomic
 from pipeline.core.audio import resample
 from pipeline.synthesis.vocoders import fit, match_level
 
@@ -217,11 +218,9 @@ def train_decoder(waves: list[np.ndarray], cfg: DecoderTraining) -> tuple[nn.Mod
 
 
 def save_decoder(model: nn.Module, cfg: DecoderTraining, report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "report": report,
-                "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
+    with atomic.atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "report": report,
+                    "state_dict": model.state_dict()}, tmp)
     return path
 
 

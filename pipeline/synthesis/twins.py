@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from pipeline import atomic
 from pipeline.config import TwinsConfig
 from pipeline.core.audio import AudioError, load_native
 from pipeline.core.data import Clip, file_sha256, read_corpus
@@ -149,13 +150,13 @@ def _twin(clip: Clip, name: str, vocoder, out: Path, batch: str) -> dict:
         raise VocoderError("the vocoder produced silence or non-finite samples")
     peak = float(np.abs(y).max())
     y = y * min(1.0, 0.99 / peak)   # FLAC is integer PCM: keep the twin inside full scale
-    tmp = out / "audio" / f".{clip.sha256 or file_sha256(clip.path)}-{name}.tmp.flac"
+    tmp = atomic.temp_path(f"{clip.sha256 or file_sha256(clip.path)}-{name}.flac", out / "audio")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     sf.write(tmp, y, info.samplerate, subtype="PCM_16", format="FLAC")
     sha = file_sha256(tmp)
     rel = Path("audio") / sha[:2] / f"{sha}.flac"
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(out / rel)
+    atomic.commit(tmp, out / rel)
     return {"path": rel.as_posix(), "sha256": sha, "label": "ai", "generator": twin_generator(name),
             "speaker": clip.speaker, "language": clip.language, "n_speakers": clip.n_speakers,
             "duration_s": round(len(y) / info.samplerate, 3), "sample_rate": info.samplerate, "source": clip.source,

@@ -51,7 +51,7 @@ from pipeline.core.data import Clip, CorpusError, check_labels, group_key, load_
 from pipeline.core.features import FrontEnd, random_crop
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import AI_LABEL, CosineHead, Detector
-from pipeline.core.scoring import pick_device, score_model
+from pipeline.core.scoring import pick_device, score_model, scoring_settings
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 
@@ -461,7 +461,8 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     cached = cache_inputs(model, seg.waves, params, CACHE_FOR[cfg.recipe], device, cfg.seed)
     candidate, history = fit_candidate(model, cached, data, ~seg.is_val, seg.is_val, params, device)
     calibration = calibrated(candidate, data, params, device)
-    candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"])
+    candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"],
+                                         threshold_scoring=scoring_settings(params))
     lofo = leave_one_file_out(model, cached, data, params, device)
     calibration["clips"] = sorted(it.clip.sha256 for it in data.calibration)
     report = {

@@ -3,6 +3,7 @@ and confusion matrices at each model's threshold."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline import atomic  # noqa: E402
 from pipeline.core.metrics import roc_points  # noqa: E402
+
+
+def _savefig(fig, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format=path.suffix.lstrip("."))
 
 
 def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
@@ -26,10 +33,11 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
     for (name, m), ax_h, ax_c in zip(models.items(), axes[:, 0], conf_axes[0]):
         fpr, tpr, _ = roc_points(m["scores"], m["labels"])
         path = out / f"roc_{name}.csv"
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["fpr", "tpr", "fnr"])
-            w.writerows(zip(np.round(fpr, 5), np.round(tpr, 5), np.round(1 - tpr, 5)))
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf, lineterminator="\r\n")
+        w.writerow(["fpr", "tpr", "fnr"])
+        w.writerows(zip(np.round(fpr, 5), np.round(tpr, 5), np.round(1 - tpr, 5)))
+        atomic.write_text(path, buf.getvalue())
         written.append(path)
         ax_roc.plot(fpr, tpr, label=name)
         ax_det.plot(np.clip(fpr, 1e-3, 1), np.clip(1 - tpr, 1e-3, 1), label=name)
@@ -49,7 +57,7 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
         if ax is not None:
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
+        _savefig(fig, out / name)
         plt.close(fig)
         written.append(out / name)
     return written
@@ -79,7 +87,7 @@ def write_lso_plots(result: dict, out: Path) -> list[Path]:
            title="leave-sources-out, pooled")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "det.png", dpi=90)
+    _savefig(fig, out / "det.png")
     plt.close(fig)
     rows = result["per_seed"][0]["per_source"]
     fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(rows))))
@@ -91,6 +99,6 @@ def write_lso_plots(result: dict, out: Path) -> list[Path]:
     ax.legend(loc="lower right", fontsize=7)
     ax.tick_params(axis="y", labelsize=6)
     fig.tight_layout()
-    fig.savefig(out / "per_source.png", dpi=90)
+    _savefig(fig, out / "per_source.png")
     plt.close(fig)
     return [out / "det.png", out / "per_source.png"]

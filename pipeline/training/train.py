@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import atomic
 from pipeline.config import Params, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
 from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
@@ -32,7 +33,7 @@ from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data
 from pipeline.core.features import FrontEnd, crop_at, draw_start
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
-from pipeline.core.scoring import pick_device, score_model
+from pipeline.core.scoring import pick_device, score_model, scoring_settings
 from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
@@ -249,7 +250,7 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
                             {it.clip.source for it in val if it.clip.label == 0})
     metrics = evaluate([it.clip for it in val], scores, calibration["threshold"])
     dhash = data_hash([it.clip for it in loaded])
-    save_checkpoint(model, out, threshold=calibration["threshold"], data_hash=dhash, params_hash=params_hash(params),
+    save_checkpoint(model, out, threshold=calibration["threshold"], threshold_scoring=scoring_settings(params), data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
                            "twins": n_twins, "split_by": split_by, "calibration": calibration,
                            "val_sources": sorted({it.clip.source for it in val})})
@@ -263,6 +264,5 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
                         "source": it.clip.source, "ai_score": round(s, 6)} for it, s in zip(val, scores)],
         "wall_s": round(time.time() - started, 1),
     }
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(result, indent=2, default=float))
+    atomic.write_text(report, json.dumps(result, indent=2, default=float))
     return result

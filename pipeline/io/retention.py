@@ -1,0 +1,55 @@
+"""Retention (`aivoice gc`).
+
+Every candidate is stored up to four times (MLflow artifact, the local checkpoint cache, the DVC cache,
+models/production.pt). Registry versions and their MLflow artifacts are never deleted (a version is the
+record of what was judged and served). What goes: the cached checkpoint downloads of versions that hold
+no alias and are not among the `keep` newest of those, and, with a DVC repository, DVC cache objects the
+workspace no longer uses (`dvc gc -w -f`: an older data or model version then needs `dvc pull` from a
+remote, or is gone if it was never pushed).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.io import registry, tracking
+from pipeline.io.disk import folder_bytes
+
+
+def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run: bool = False) -> dict:
+    """Remove the local copies retention allows (see the module docstring); returns what was kept and freed."""
+    client = tracking.configure()
+    versions = registry.list_versions(name)
+    aliased = {v["version"] for v in versions if v["aliases"]}
+    others = sorted((v["version"] for v in versions if v["version"] not in aliased), reverse=True)
+    kept = aliased | set(others[:keep])
+    removed, freed = [], 0
+    cache = tracking.cache_dir(client.tracking_uri) / name
+    for folder in sorted(cache.glob("v*-*")) if cache.is_dir() else []:
+        number = folder.name[1:].split("-", 1)[0]
+        if number.isdigit() and int(number) not in kept:
+            size = folder_bytes(folder)
+            if not dry_run:
+                shutil.rmtree(folder)
+            removed.append(str(folder))
+            freed += size
+    result = {"versions": len(versions), "kept": sorted(kept), "removed": removed, "cache_freed_bytes": freed,
+              "dvc": None}
+    if repo is not None and (Path(repo) / ".dvc").is_dir():
+        result["dvc"] = _dvc_gc(Path(repo), dry_run)
+    return result
+
+
+def _dvc_gc(repo: Path, dry_run: bool) -> dict:
+    """`dvc gc -w -f` (objects the workspace does not use), measured as the cache's size before and after."""
+    cache = repo / ".dvc" / "cache"
+    before = folder_bytes(cache)
+    if dry_run:
+        return {"ran": False, "cache_bytes": before}
+    out = subprocess.run([sys.executable, "-m", "dvc", "gc", "--workspace", "--force"], cwd=repo,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc gc failed in {repo}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+    return {"ran": True, "cache_bytes": folder_bytes(cache), "freed_bytes": before - folder_bytes(cache)}

@@ -1,0 +1,121 @@
+"""Disk guard (storage.min_free_gb) on a real small filesystem, and retention (`aivoice gc`)."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import yaml
+
+from pipeline.config import load_params
+from pipeline.io.store import ClipInfo, ingest, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs mounted at tmp_path/disk (needs root; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave_mb: float) -> None:
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\0" * max(0, int(free - leave_mb * 1e6)))
+
+
+@pytest.mark.parametrize("stage", ["ingest", "twins", "augment", "finetune", "bootstrap"])
+def test_stages_refuse_to_start_on_a_nearly_full_disk(small_disk, tmp_path, stage):
+    # given a project whose outputs live on a disk with 3 MB free, and min_free_gb 0.01 (10 MB)
+    _fill(small_disk, leave_mb=3)
+    out = str(small_disk / "out")
+    params = {"storage": {"min_free_gb": 0.01}, "ingest": {"store": out}, "twins": {"out": out},
+              "augment_stage": {"out": out}, "finetune": {"out": out + "/c.pt"}, "train": {"out": out + "/b.pt"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    extra = ["--corpus", str(tmp_path)] if stage == "bootstrap" else []
+    # when the stage starts
+    run = subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}", "--params", "params.yaml", *extra],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    # then it refuses at once with one line naming the need and what is free, and writes nothing
+    assert run.returncode != 0, run.stdout
+    line = [ln for ln in run.stderr.splitlines() if "storage.min_free_gb" in ln]
+    assert line and "GB free" in line[0] and "0.01 GB" in line[0], run.stderr[-2000:]
+    assert not (small_disk / "out").exists(), "nothing written"
+
+
+def test_ingest_onto_a_full_disk_rejects_the_file_and_keeps_the_store_consistent(small_disk, tmp_path, speech_like):
+    # given a store on a disk with 1 MB free and a 3 MB clip (the guard off)
+    store = small_disk / "store"
+    params = load_params("/nonexistent", overrides={"ingest.store": str(store), "ingest.quarantine": str(small_disk / "q"),
+                                                    "storage.min_free_gb": 0})
+    small, big = tmp_path / "small.wav", tmp_path / "big.wav"
+    sf.write(small, speech_like(1.0, 16000, seed=1), 16000)
+    sf.write(big, speech_like(90.0, 16000, seed=2), 16000)
+    _fill(small_disk, leave_mb=1.0)
+    # when both are ingested
+    report = ingest([(big, ClipInfo(label="ai", generator="g")), (small, ClipInfo(label="ai", generator="g"))],
+                    store, small_disk / "q", params.audio, params.ingest)
+    # then the big one is refused naming the full disk, the small one is stored, and no partial file is left
+    assert [r["reason"] for r in report.rejected] == ["not copied (No space left on device)"], report.to_dict()
+    assert len(report.added) == 1
+    rows = read_manifest(store)
+    assert [r["original_name"] for r in rows] == ["small.wav"]
+    assert sorted(p.name for p in store.rglob("*") if p.is_file()) == sorted(["MANIFEST.csv", Path(rows[0]["path"]).name])
+
+
+def test_gc_keeps_aliased_and_newest_versions_and_never_deletes_a_registry_version(mlflow_store, tiny_checkpoint,
+                                                                                 tmp_path, monkeypatch):
+    from pipeline.io import registry, tracking
+    from pipeline.io.retention import collect_garbage
+
+    # given v1 champion, v2-v4 failed candidates, v5 challenger, each checkpoint downloaded into the local cache
+    assert registry.register(tiny_checkpoint(seed=1), name="m", base=True) == 1
+    for seed in (2, 3, 4):
+        registry.register(tiny_checkpoint(seed=seed), name="m", gates_passed=False)
+    assert registry.register(tiny_checkpoint(seed=5), name="m", gates_passed=True) == 5
+    for v in range(1, 6):
+        registry.resolve(v, "m")
+    cache = tracking.cache_dir(mlflow_store) / "m"
+    assert len(list(cache.glob("v*-*"))) == 5
+    # when gc keeps one unaliased version
+    result = collect_garbage("m", keep=1, repo=None)
+    # then v1 (champion), v5 (challenger) and v4 (newest unaliased) keep their files; v2 and v3 lose theirs
+    left = sorted(int(p.name[1:].split("-")[0]) for p in cache.glob("v*-*"))
+    assert left == [1, 4, 5] and result["kept"] == [1, 4, 5], result
+    assert result["cache_freed_bytes"] > 0
+    # and every registry version is still there and loads (re-downloaded from its MLflow artifact)
+    assert [v["version"] for v in registry.list_versions("m")] == [1, 2, 3, 4, 5]
+    assert registry.resolve(2, "m").checkpoint_path.is_file()
+    assert registry.aliases("m") == {"champion": 1, "challenger": 5}
+
+
+def test_gc_runs_dvc_gc_on_the_workspace(tmp_path, monkeypatch, mlflow_store):
+    from pipeline.io.retention import collect_garbage
+
+    # given a DVC repository whose tracked file changed once (the old version is only in the cache)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    run = lambda *cmd: subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env)
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (repo / "data.bin").write_bytes(os.urandom(200_000))
+    run(sys.executable, "-m", "dvc", "add", "-q", "data.bin")
+    (repo / "data.bin").unlink()
+    (repo / "data.bin").write_bytes(os.urandom(100_000))
+    run(sys.executable, "-m", "dvc", "add", "-q", "data.bin")
+    # when gc runs
+    result = collect_garbage("m", keep=5, repo=repo)
+    # then the unused 200 KB object went, the workspace's file is intact
+    assert result["dvc"]["ran"] and result["dvc"]["freed_bytes"] >= 200_000, result
+    assert (repo / "data.bin").stat().st_size == 100_000
+    assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=repo, env=env).returncode == 0
