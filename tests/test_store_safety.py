@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pipeline import atomic
 from pipeline.config import load_params
 from pipeline.io.store import ClipInfo, ingest, read_manifest
 
@@ -86,29 +86,24 @@ def test_two_concurrent_ingests_keep_every_row(tmp_path, speech_like):
         f"both ingests' rows survive: {[r['original_name'] for r in rows]} {outs}"
 
 
-def test_a_file_still_being_written_is_never_stored_under_a_wrong_hash(tmp_path, speech_like):
-    # given a WAV file another process keeps appending to while it is ingested
+def test_a_file_still_being_written_is_never_stored_under_a_wrong_hash(tmp_path, speech_like, monkeypatch):
+    # given a WAV file another writer appends to while ingest copies it (the interleaving made deterministic:
+    # a thread's writes may all land before or after the copy on a loaded machine)
     growing = tmp_path / "in" / "growing.wav"
     growing.parent.mkdir()
     sf.write(growing, speech_like(20.0, 16000, seed=3), 16000)
-    stop = threading.Event()
+    real_copy = atomic.copy_hashing
 
-    def writer():
-        with growing.open("ab") as f:
-            while not stop.is_set():
-                f.write(os.urandom(2048))
-                f.flush()
-                time.sleep(0.0005)
+    def copy_while_written(src, dst):
+        out = real_copy(src, dst)
+        with Path(src).open("ab") as f:   # the writer's next block lands after the copy was read
+            f.write(os.urandom(2048))
+        return out
 
+    monkeypatch.setattr(atomic, "copy_hashing", copy_while_written)
     params = _params(tmp_path)
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
-        report = ingest([(growing, ClipInfo(label="ai", generator="g"))], Path(params.ingest.store),
-                        Path(params.ingest.quarantine), params.audio, params.ingest)
-    finally:
-        stop.set()
-        t.join()
+    report = ingest([(growing, ClipInfo(label="ai", generator="g"))], Path(params.ingest.store),
+                    Path(params.ingest.quarantine), params.audio, params.ingest)
     # then whatever was kept (store or quarantine) hashes to the name it was kept under
     _store_consistent(Path(params.ingest.store))
     for p in Path(params.ingest.quarantine).glob("*") if Path(params.ingest.quarantine).is_dir() else []:
