@@ -22,10 +22,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_logger
 from prefect.settings import PREFECT_API_URL
 
 LEASE_S = 60.0        # a dead holder's slot is freed this long after its last renewal (renewed every ~45 s)
@@ -61,7 +63,10 @@ def ensure_limit(name: str, slots: int = 1) -> bool:
 def one_retrain_per_store(store: Path, timeout_s: float | None) -> Iterator[dict]:
     """Hold the store's slot for the block; yields {"limit", "acquired_at", "waited_s"} (limit None when
     skipped). Raises StoreBusyError when the slot is not free within `timeout_s` (None: wait for ever)."""
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:   # called outside a flow run
+        logger = get_logger(__name__)
     store = Path(store).resolve()
     if not PREFECT_API_URL.value():
         logger.info("no Prefect server (PREFECT_API_URL unset): store concurrency limit skipped for %s; "

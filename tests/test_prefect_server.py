@@ -151,8 +151,21 @@ def _trigger(env: dict, cwd: Path, deployment: str) -> str:
 
 
 def _ran_on(logs: dict, flow_run_id: str) -> list[str]:
-    """The workers whose log says they took this flow run."""
-    return [name for name, (_, log) in logs.items() if flow_run_id in _tail(log, 10**7)]
+    """The workers that took this flow run: they logged its submission and no aborted submission (both
+    workers may try; the server lets one move it to Pending)."""
+    took = []
+    for name, (_, log) in logs.items():
+        text = _tail(log, 10**7)
+        if f"submitting flow run '{flow_run_id}'" in text and f"Aborted submission of flow run '{flow_run_id}'" not in text:
+            took.append(name)
+    return took
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:   # it ended meanwhile (a DVC child)
+        return None
 
 
 def _task_states(env: dict, flow_run_id: str) -> dict[str, str]:
@@ -251,12 +264,17 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
                     240, "inside a stage", logs)
         # and that worker and the flow run's process are SIGKILLed (the host is lost)
         pids = _flow_run_processes(killed)
-        assert pids, "the flow run's process is found"
-        (taker,) = _ran_on(logs, killed)
+        takers = [name for name, (proc, _) in logs.items() if any(_parent(pid) == proc.pid for pid in pids)]
+        assert len(takers) == 1, f"the flow run's process is a child of one worker: {pids} {takers}"
+        taker = takers[0]
+        assert _ran_on(logs, killed) == [taker], f"its log says it took the run: {_ran_on(logs, killed)}"
         worker = logs[taker][0]
         os.killpg(worker.pid, signal.SIGKILL)
-        for pid in pids:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        for pid in pids:   # the flow run's process leads its own session; DVC's children are in it
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         worker.wait(timeout=10)
         killed_at = time.monotonic()
         # then the server marks the run CRASHED once its heartbeats stop
