@@ -23,7 +23,6 @@ import pytest
 
 from flows.retrain import STAGES
 from test_flows import MODEL, RELAXED_GATES, REPO, make_project
-from test_registry import _assert_consistent_after
 
 BIN = Path(sys.executable).parent
 POOL = "aivoice-test-pool"
@@ -193,8 +192,10 @@ def _guarded_sections(env: dict, flow_run_id: str) -> tuple[float, float]:
     """(start, end) of the run's store-limit section, from the times of its "holding" and "released" log lines."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    logs = []
     with _client(env) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(logs)):
+            logs += page
     held = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("holding aivoice-retrain-")]
     released = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("released aivoice-retrain-")]
     assert len(held) == 1 and len(released) == 1, f"one guarded section per run: {[lg.message for lg in logs][-30:]}"
@@ -248,8 +249,9 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
     from pipeline.io import registry, tracking
 
     env = team_env
-    # given a project with new samples waiting, a champion in the registry, and auto promotion
-    project = make_project(tmp_path / "project", small_corpus, gates=RELAXED_GATES, promotion="auto")
+    # given a project with new samples waiting, a champion in the registry, and manual promotion (so that
+    # the champion, hence models/production.pt, stays put and later runs have nothing new to train)
+    project = make_project(tmp_path / "project", small_corpus, gates=RELAXED_GATES, promotion="manual")
     assert registry.register(tiny_checkpoint(seed=2), name=MODEL, base=True) == 1, "the first base is champion"
     # when `retrain` is deployed from the project's source on a nightly cron in the process pool
     deployment_id = _python(
@@ -295,7 +297,9 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
         assert status.returncode == 0 and "up to date" in status.stdout, f"dvc status after the re-run:\n{status.stdout}{status.stderr}"
         assert [v["version"] for v in registry.list_versions(MODEL)] == [1, 2], \
             f"the killed run registered nothing, the re-run one version: {registry.list_versions(MODEL)}"
-        _assert_consistent_after(MODEL, champion=2, previous=1, action="promote")
+        assert registry.aliases(MODEL) == {"champion": 1, "challenger": 2}, f"v2 waits as challenger: {registry.aliases(MODEL)}"
+        model = tracking.configure().get_registered_model(MODEL)
+        assert registry.PENDING_TAG not in (model.tags or {}), f"no alias move left half-done: {model.tags}"
         run_id = tracking.configure().get_model_version(MODEL, "2").run_id
         assert tracking.configure().get_run(run_id).data.tags.get("prefect_flow_run_id") == rerun, \
             "the MLflow run names the re-run"
@@ -316,5 +320,6 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
     with _client(env) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name(project / "data" / "store"))
     assert limit.limit == 1 and limit.active_slots == 0, f"one slot, free again: {limit}"
-    assert registry.aliases(MODEL) == {"champion": 2, "previous-champion": 1}, "nothing new: nothing moved"
+    assert [v["version"] for v in registry.list_versions(MODEL)] == [1, 2], "nothing new: no new version"
+    assert registry.aliases(MODEL) == {"champion": 1, "challenger": 2}, "nothing new: nothing moved"
     print(f"crash detected {crash_s:.0f} s after the kill; sections [{s1:.1f}, {e1:.1f}] [{s2:.1f}, {e2:.1f}]")
