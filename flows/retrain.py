@@ -10,6 +10,8 @@
 - With a default DVC remote (`aivoice remote add`), the outputs dvc.lock records that this checkout
   lacks are pulled before the stages (what is here is never overwritten) and everything the stages produced is pushed after them,
   before anything is promoted: a promoted candidate's data and weights are on the remote.
+- Everything after reading params.yaml holds the store's slot of a Prefect global concurrency limit
+  (flows.store_limit): two retrains of one store never overlap, whichever deployment or person started them.
 - promote reads the verdict: passed + auto -> the challenger becomes champion; passed + manual -> it
   stays challenger for a person to promote; failed -> nothing moves. The report says which and why.
 
@@ -22,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Literal
@@ -34,6 +37,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import TRACKING_RETRIES, in_repo, project_env, scoped_env
+from flows.store_limit import one_retrain_per_store
 from pipeline.io import dvc_remote, registry
 from pipeline.config import apply_threads, load_params
 
@@ -53,6 +57,8 @@ class RetrainParams(BaseModel):
     promote: Literal["auto", "manual"] | None = Field(
         None, description="auto: promote a candidate that passed; manual: leave it challenger; empty: registry.promotion")
     reason: str = Field(DEFAULT_REASON, description="recorded with the promotion")
+    store_wait_s: float | None = Field(
+        7200, ge=0, description="how long to wait while another retrain holds the store (empty: for ever)")
 
 
 class StageError(RuntimeError):
@@ -182,7 +188,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
     run_id = flow_run.get_id()
     name = cfg.registry.model_name
     logger.info("retrain %s in %s (promotion: %s)", name, repo, mode)
-    with scoped_env(project_env(repo, run_id)):          # stages tag their MLflow runs with this flow run
+    with one_retrain_per_store(in_repo(repo, cfg.ingest.store), params.store_wait_s) as held, \
+            scoped_env(project_env(repo, run_id)):       # stages tag their MLflow runs with this flow run
         champion = export_champion(str(in_repo(repo, cfg.finetune.base_model)), name)
         remote = dvc_remote.default(repo)
         if remote:
@@ -202,6 +209,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
             "promotion": decision, "verdict_is_fresh": stages["validate"], "dvc_remote": remote,
         }
         publish_report(summary, verdict, metrics, tables)
+        summary["store_limit"] = held | {"done_at": time.time()}   # the guarded section, for audits and tests
     return summary
 
 

@@ -91,8 +91,8 @@ start_prefect() {
             daemon prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$port"
     fi
     wait_http "$PREFECT_API_URL/health" prefect 120
-    "$PY" -c "from flows.deploy import ensure_work_pool; ensure_work_pool('$POOL')" \
-        || die "could not create work pool $POOL"
+    "$PY" -c "from flows.deploy import ensure_crash_automation, ensure_work_pool; ensure_work_pool('$POOL'); ensure_crash_automation()" \
+        || die "could not create work pool $POOL or the crash automation"
     for i in $(seq 1 "$WORKERS"); do
         alive "worker-$i" && continue
         PATH=$BIN:$PATH daemon "worker-$i" "$BIN/prefect" worker start --pool "$POOL" --type process --name "$(hostname)-$i"
