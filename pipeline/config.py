@@ -307,6 +307,8 @@ class ServeConfig(Section):
     max_upload_mb: float = Field(50.0, gt=0, description="request bodies are cut off past this, with or without Content-Length")
     max_duration_s: float = Field(600.0, gt=0, description="decoded duration of one upload (50 MB of Opus is hours)")
     max_concurrent: int = Field(4, gt=0, description="requests to /detect at once; more get 503 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request body not complete this long after the request "
+                                     "began gets 408 (a slow client cannot hold a concurrency slot)")
     refresh_s: float = Field(5.0, gt=0)
     device: str = "cpu"
 
