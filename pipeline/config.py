@@ -30,6 +30,8 @@ class AudioConfig(Section):
     min_duration_s: float = Field(0.25, ge=0)
     silence_peak: float = Field(1e-4, ge=0, description="clips whose peak |x| stays below are silent")
     block_s: float = Field(60.0, gt=0, description="decode/stream block length")
+    decode_timeout_s: float = Field(60.0, gt=0, description="a file still decoding after this long is refused "
+                                    "(AudioError), so a pathological file cannot hold up a batch; not hashed")
 
     @property
     def segment_samples(self) -> int:
@@ -297,6 +299,9 @@ class RegistryConfig(Section):
     model_name: str = "ai-voice-detector"
     experiment: str = "ai-voice-detector"
     promotion: Literal["auto", "manual"] = Field("manual", description="auto: promote a challenger when its gates pass")
+    ui_promotion: Literal["warn", "revert"] = Field("revert", description="a champion moved outside aivoice (MLflow "
+                                                    "UI) to a version that has not passed its gates: revert puts the "
+                                                    "validated champion back, warn records it as forced")
 
 
 class ServeConfig(Section):
@@ -383,7 +388,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ParamsError(f"{path}: {key}: {first['msg']}") from None
 
 
-_NOT_HASHED = {"compute"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
+# how fast or how long, not what is computed: changing these leaves a model's params_hash alone
+_NOT_HASHED = {"compute": True, "audio": {"decode_timeout_s"}}
 
 
 def params_hash(params: BaseModel) -> str:

@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from pipeline.io import registry
+from pipeline.io import alias_guard, registry
 from pipeline.config import Params
 from pipeline.apps.detect import detect_files
 from pipeline.core.scoring import Scorer
@@ -108,9 +109,11 @@ def _refresh_logged(champion: Champion) -> None:
 
 def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_s: float = 5.0,
                max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
-               max_concurrent: int = 4, request_timeout_s: float = 30.0) -> FastAPI:
+               max_concurrent: int = 4, request_timeout_s: float = 30.0, webhook_secret: str | None = None,
+               ui_promotion: str = "revert") -> FastAPI:
     """The service: GET / (scoring page), POST /detect (one audio file, multipart field `file`),
-    GET /health, GET /model."""
+    GET /health, GET /model, POST /hooks/mlflow (MLflow's alias webhook, signed with `webhook_secret`;
+    refused with 403 when the service has none)."""
     champion = Champion(params, model_name, device)
     refresher = Refresher(champion, refresh_s)
     max_bytes = int(max_upload_mb * 2**20)
@@ -151,6 +154,38 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
         return {"name": model_name, "version": served.resolved.version, "alias": served.resolved.alias,
                 "threshold": served.threshold, "checkpoint": str(served.resolved.checkpoint_path),
                 "loaded_at": served.loaded_at, "promotion": served.promotion, "limits": limits}
+
+    guard_lock = threading.Lock()   # one reconcile at a time in this process (the registry lock spans processes)
+
+    @app.post("/hooks/mlflow")
+    async def mlflow_hook(request: Request) -> dict:
+        """An alias moved in the registry: a champion move made outside aivoice passes the guard (alias_guard)."""
+        body = await request.body()
+        if webhook_secret is None:
+            raise HTTPException(403, f"no webhook secret configured (${alias_guard.SECRET_ENV} or "
+                                     f"${alias_guard.SECRET_FILE_ENV}): MLflow webhooks are refused")
+        if not alias_guard.signature_ok(webhook_secret, body, request.headers):
+            log.warning("MLflow webhook refused: bad or missing signature (from %s)", request.client)
+            raise HTTPException(401, "bad or missing X-MLflow-Signature")
+        try:
+            payload = json.loads(body)
+            entity, data = payload["entity"], payload["data"]
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, "not an MLflow webhook payload") from None
+        if entity != "model_version_alias" or data.get("name") != model_name or data.get("alias") != registry.CHAMPION:
+            return {"action": "ignored"}
+
+        def run() -> dict:
+            with guard_lock:
+                return alias_guard.reconcile(model_name, ui_promotion)
+
+        try:
+            done = await run_in_threadpool(run)
+        except registry.RegistryError as exc:   # e.g. champion moved again meanwhile: 503, MLflow delivers again
+            log.warning("MLflow webhook: %s", exc)
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+        refresher.wake()
+        return done
 
     @app.post("/detect")
     def detect(file: UploadFile = File(...)) -> dict:  # sync: scoring is CPU-bound and runs in the threadpool
@@ -279,9 +314,10 @@ def _save_upload(file: UploadFile, path: Path, max_bytes: int, max_upload_mb: fl
 def serve(params: Params, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = registry.DEFAULT_NAME,
           refresh_s: float = 5.0, max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
           max_concurrent: int = 4, request_timeout_s: float = 30.0) -> None:
-    """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields)."""
+    """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields); the
+    webhook secret comes from the environment (alias_guard.webhook_secret)."""
     import uvicorn
 
     app = create_app(params, model_name, refresh_s, max_upload_mb, device, max_duration_s, max_concurrent,
-                     request_timeout_s)
+                     request_timeout_s, alias_guard.webhook_secret(), params.registry.ui_promotion)
     uvicorn.run(app, host=host, port=port, log_level="info")
