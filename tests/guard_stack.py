@@ -92,7 +92,7 @@ def move_alias_like_the_ui(tracking_uri: str, name: str, alias: str, version: in
     """The REST calls the MLflow UI makes: POST (set) or DELETE registered-models/alias."""
     url = f"{tracking_uri}/api/2.0/mlflow/registered-models/alias"
     if version is None:
-        r = httpx.request("DELETE", url, params={"name": name, "alias": alias}, timeout=30)
+        r = httpx.request("DELETE", url, json={"name": name, "alias": alias}, timeout=30)
     else:
         r = httpx.post(url, json={"name": name, "alias": alias, "version": str(version)}, timeout=30)
     assert r.status_code == 200, f"{r.status_code} {r.text}"
