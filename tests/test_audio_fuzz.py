@@ -3,8 +3,9 @@ truncated, mutated and concatenated files of every format libsndfile decodes her
 ogg opus, mp3, aiff, au). Every case must end in a float32 array or the one-line AudioError, never another
 exception, a crash or a hang.
 
-The number of cases is $AIVOICE_FUZZ_CASES (default 10 000, small inputs; docs/benchmarks.md gives the
-figures); the test is marked `fuzz` so a CI job can select or size it."""
+The number of cases is $AIVOICE_FUZZ_CASES: 2 000 by default (20-50 s on 2 shared cores, the CI budget);
+`AIVOICE_FUZZ_CASES=10000 pytest -m fuzz` is the full run (README, reliability section, gives its figures).
+The test is marked `fuzz` so a CI job can select or size it."""
 from __future__ import annotations
 
 import io
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, seed, settings, strategies as st  # n
 from pipeline.config import AudioConfig  # noqa: E402
 from pipeline.core.audio import AudioError, load_audio, stream_audio  # noqa: E402
 
-CASES = int(os.environ.get("AIVOICE_FUZZ_CASES", "10000"))
+CASES = int(os.environ.get("AIVOICE_FUZZ_CASES", "2000"))
 CFG = AudioConfig(sample_rate=16000, min_duration_s=0.05, decode_timeout_s=5.0)
 # format, subtype, suffix, rate: every container/codec the decoder accepts
 FORMATS = [("WAV", "PCM_16", ".wav", 8000), ("WAV", "FLOAT", ".wav", 8000), ("FLAC", "PCM_16", ".flac", 8000),
@@ -121,7 +122,7 @@ def test_decoder_survives_byte_level_fuzz(tmp_path):
     took = time.monotonic() - started
     print(f"\nfuzz: {stats['cases']} cases in {took:.1f} s ({stats['decoded']} decoded, {stats['refused']} refused "
           f"with AudioError, slowest {stats['slowest_s'] * 1000:.0f} ms)")
-    assert stats["cases"] >= min(CASES, 10_000) * 0.9, stats   # hypothesis may stop early only on duplicates
+    assert stats["cases"] >= CASES * 0.9, stats   # hypothesis may stop early only on duplicates
 
 
 def test_decode_timeout_refuses_a_slow_file_and_the_next_file_decodes(tmp_path):
