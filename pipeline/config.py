@@ -30,6 +30,8 @@ class AudioConfig(Section):
     min_duration_s: float = Field(0.25, ge=0)
     silence_peak: float = Field(1e-4, ge=0, description="clips whose peak |x| stays below are silent")
     block_s: float = Field(60.0, gt=0, description="decode/stream block length")
+    decode_timeout_s: float = Field(60.0, gt=0, description="a file still decoding after this long is refused "
+                                    "(AudioError), so a pathological file cannot hold up a batch; not hashed")
 
     @property
     def segment_samples(self) -> int:
@@ -308,6 +310,9 @@ class RegistryConfig(Section):
     model_name: str = "ai-voice-detector"
     experiment: str = "ai-voice-detector"
     promotion: Literal["auto", "manual"] = Field("manual", description="auto: promote a challenger when its gates pass")
+    ui_promotion: Literal["warn", "revert"] = Field("revert", description="a champion moved outside aivoice (MLflow "
+                                                    "UI) to a version that has not passed its gates: revert puts the "
+                                                    "validated champion back, warn records it as forced")
 
 
 class ServeConfig(Section):
@@ -318,6 +323,8 @@ class ServeConfig(Section):
     max_upload_mb: float = Field(50.0, gt=0, description="request bodies are cut off past this, with or without Content-Length")
     max_duration_s: float = Field(600.0, gt=0, description="decoded duration of one upload (50 MB of Opus is hours)")
     max_concurrent: int = Field(4, gt=0, description="requests to /detect at once; more get 503 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request body not complete this long after the request "
+                                     "began gets 408 (a slow client cannot hold a concurrency slot)")
     refresh_s: float = Field(5.0, gt=0)
     device: str = "cpu"
 
@@ -393,7 +400,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
         raise ParamsError(f"{path}: {key}: {first['msg']}") from None
 
 
-_NOT_HASHED = {"compute", "storage"}  # how fast, not what is computed: changing it leaves a model's params_hash alone
+# how fast, how long or where, not what is computed: changing these leaves a model's params_hash alone
+_NOT_HASHED = {"compute": True, "storage": True, "audio": {"decode_timeout_s"}}
 
 
 def params_hash(params: BaseModel) -> str:

@@ -153,8 +153,32 @@ def test_requests_past_max_concurrent_get_503_at_once(champion_v1, speech_like):
         assert post(port, clip)[0] == 200, "after the held upload finished, a new one must be served"
 
 
+def test_slow_client_gets_408_after_the_request_timeout_and_frees_its_slot(champion_v1, speech_like):
+    clip = wav(speech_like, 2.0)
+    with live_service(max_concurrent=1, request_timeout_s=2.0) as port:
+        # given a client on a raw socket that sends its headers, then the body at 1 byte/s (slowloris)
+        head, tail = multipart(clip)
+        body = head + tail
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall((f"POST /detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode())
+        started, sent, answer = time.monotonic(), 0, b""
+        while time.monotonic() - started < 20 and not select.select([sock], [], [], 1.0)[0]:
+            sock.sendall(body[sent:sent + 1])
+            sent += 1
+        elapsed = time.monotonic() - started
+        answer = sock.recv(65536)
+        sock.close()
+        # then the service answers 408 once the timeout passed, having taken a few bytes of the body
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), f"after {elapsed:.1f} s and {sent} bytes: {answer[:300]!r}"
+        assert b"serve.request_timeout_s" in rest and 2.0 <= elapsed < 6.0, f"{elapsed:.1f} s: {rest[-300:]!r}"
+        # and the concurrency slot it held is free: the next upload is scored, not refused with 503
+        assert post(port, clip)[0] == 200, "the slow client's slot was not released"
+
+
 @pytest.mark.parametrize("key, bad", [("max_upload_mb", 0), ("max_duration_s", -1), ("max_concurrent", 0),
-                                      ("max_concurrent", 1.5)])
+                                      ("max_concurrent", 1.5), ("request_timeout_s", 0)])
 def test_bad_limits_fail_at_load_time_naming_the_key(tmp_path, key, bad):
     # given a params file with a limit that would refuse everything (or is not a count)
     path = tmp_path / "params.yaml"

@@ -10,7 +10,8 @@ from pipeline.config import ParamsError, apply_threads, load_params
 
 log = logging.getLogger("aivoice")
 # commands that only talk to the registry or start other programs: no torch work, so no thread setting
-_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule", "remote", "gc"})
+_NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-champion", "ui", "schedule", "remote",
+                         "gc", "webhook"})
 
 
 def _cmd_detect(args, params) -> int:
@@ -194,7 +195,8 @@ def _cmd_gc(args, params) -> int:
 def _cmd_promote(args, params) -> int:
     from pipeline.io import registry
 
-    event = registry.promote(args.version, reason=args.reason, force=args.force, name=params.registry.model_name)
+    event = registry.promote(args.version, reason=args.reason, force=args.force, name=params.registry.model_name,
+                             ui_promotion=params.registry.ui_promotion)
     print(f"champion -> v{event['version']} (previous-champion v{event['previous']}); by {event['user']}: {event['reason']}")
     return 0
 
@@ -202,7 +204,8 @@ def _cmd_promote(args, params) -> int:
 def _cmd_rollback(args, params) -> int:
     from pipeline.io import registry
 
-    event = registry.rollback(args.to, reason=args.reason, name=params.registry.model_name)
+    event = registry.rollback(args.to, reason=args.reason, name=params.registry.model_name,
+                              ui_promotion=params.registry.ui_promotion)
     print(f"champion -> v{event['version']} (rolled back from v{event['previous']}); by {event['user']}: {event['reason']}")
     return 0
 
@@ -255,15 +258,58 @@ def _cmd_serve(args, params) -> int:
 
 
 def _cmd_ui(args, params) -> int:
+    """The MLflow UI on the tracking store; with a webhook secret set, champion moves made in it are sent to
+    `aivoice serve` (--hook-url, default serve.host:serve.port) and pass the promotion guard."""
     import os
     import subprocess
+    import time
+    import urllib.request
 
-    from pipeline.io import tracking
+    from pipeline.io import alias_guard, tracking
 
     uri = tracking.tracking_uri()
+    secret = alias_guard.webhook_secret()
+    hook_url = args.hook_url or f"http://{params.serve.host}:{params.serve.port}/hooks/mlflow"
+    env = dict(os.environ) | (alias_guard.server_env(hook_url, secret) if secret else {})
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", args.host, "--port", str(args.port)], env=os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", args.host, "--port", str(args.port)], env=env)
+    if secret is None:
+        log.warning("no webhook: champion moves made in this UI bypass the promotion guard (set $%s or $%s, "
+                    "and run aivoice serve with it)", alias_guard.SECRET_ENV, alias_guard.SECRET_FILE_ENV)
+        return proc.wait()
+    server = f"http://{args.host}:{args.port}"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{server}/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    if proc.poll() is None:
+        alias_guard.register_webhook(hook_url, secret, server)
+        print(f"champion moves in the UI go to {hook_url} (webhook {alias_guard.WEBHOOK_NAME})")
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+def _cmd_webhook(args, params) -> int:
+    from pipeline.io import alias_guard
+
+    secret = alias_guard.webhook_secret()
+    if secret is None:
+        log.error("no webhook secret: set $%s or $%s (the same for aivoice serve)", alias_guard.SECRET_ENV,
+                  alias_guard.SECRET_FILE_ENV)
+        return 2
+    hook_id = alias_guard.register_webhook(args.url, secret, args.tracking_uri)
+    print(f"webhook {alias_guard.WEBHOOK_NAME} ({hook_id}): {', '.join(alias_guard.EVENTS)} -> {args.url}")
+    env = alias_guard.server_env(args.url, secret)
+    print("the MLflow server delivering it needs: " + " ".join(f"{k}=..." if "KEY" in k else f"{k}={v}"
+                                                              for k, v in env.items()))
+    return 0
 
 
 # The flow commands import flows/ (and with it Prefect) only when they run: pipeline/ itself never imports Prefect.
@@ -441,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--hook-url", help="where champion moves are sent (default http://<serve.host>:<serve.port>/hooks/mlflow)")
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("webhook", help="register the MLflow webhook that sends champion moves to aivoice serve")
+    p.add_argument("action", choices=("register",))
+    p.add_argument("--url", required=True, help="the service's hook, e.g. http://detector:8000/hooks/mlflow")
+    p.add_argument("--tracking-uri", help="the MLflow server (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=_cmd_webhook)
 
     p = sub.add_parser("retrain", help="the retrain flow: export champion, ingest..validate via DVC, gated promotion")
     p.add_argument("--promote", choices=("auto", "manual"), help="override registry.promotion")

@@ -9,10 +9,12 @@ Limits (serve.*): every request body is cut off past `max_upload_mb` as it arriv
 declares a Content-Length, so a chunked upload is never spooled whole; an upload longer than
 `max_duration_s` is refused from its header before decoding (and while decoding, for headers that lie);
 at most `max_concurrent` /detect requests run at once and the next gets 503 with Retry-After at once,
-rather than waiting in a queue.
+rather than waiting in a queue; a request body not complete `request_timeout_s` after the request began
+gets 408 and its slot back (a client sending 1 byte/s cannot hold a slot for ever).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -24,11 +26,12 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from pipeline.io import registry
+from pipeline.io import alias_guard, registry
 from pipeline.config import Params
 from pipeline.apps.detect import detect_files
 from pipeline.core.scoring import Scorer
@@ -106,13 +109,16 @@ def _refresh_logged(champion: Champion) -> None:
 
 def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_s: float = 5.0,
                max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
-               max_concurrent: int = 4) -> FastAPI:
+               max_concurrent: int = 4, request_timeout_s: float = 30.0, webhook_secret: str | None = None,
+               ui_promotion: str = "revert") -> FastAPI:
     """The service: GET / (scoring page), POST /detect (one audio file, multipart field `file`),
-    GET /health, GET /model."""
+    GET /health, GET /model, POST /hooks/mlflow (MLflow's alias webhook, signed with `webhook_secret`;
+    refused with 403 when the service has none)."""
     champion = Champion(params, model_name, device)
     refresher = Refresher(champion, refresh_s)
     max_bytes = int(max_upload_mb * 2**20)
-    limits = {"max_upload_mb": max_upload_mb, "max_duration_s": max_duration_s, "max_concurrent": max_concurrent}
+    limits = {"max_upload_mb": max_upload_mb, "max_duration_s": max_duration_s, "max_concurrent": max_concurrent,
+              "request_timeout_s": request_timeout_s}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,12 +130,12 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
     app = FastAPI(title="ai-voice-detector", lifespan=lifespan)
     app.state.champion = champion
     app.add_middleware(RequestLimits, max_body=max_bytes + _MULTIPART_SLACK, max_upload_mb=max_upload_mb,
-                       max_concurrent=max_concurrent, bounded=("/detect",))
+                       max_concurrent=max_concurrent, bounded=("/detect",), request_timeout_s=request_timeout_s)
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
 
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request, exc: BodyTooLarge) -> JSONResponse:  # close: the rest of the body is not read
-        return JSONResponse({"detail": exc.detail}, status_code=413, headers={"Connection": "close"})
+    @app.exception_handler(BodyRefused)
+    async def refused(request, exc: BodyRefused) -> JSONResponse:  # close: the rest of the body is not read
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers={"Connection": "close"})
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -149,6 +155,38 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
                 "threshold": served.threshold, "checkpoint": str(served.resolved.checkpoint_path),
                 "loaded_at": served.loaded_at, "promotion": served.promotion, "limits": limits}
 
+    guard_lock = threading.Lock()   # one reconcile at a time in this process (the registry lock spans processes)
+
+    @app.post("/hooks/mlflow")
+    async def mlflow_hook(request: Request) -> dict:
+        """An alias moved in the registry: a champion move made outside aivoice passes the guard (alias_guard)."""
+        body = await request.body()
+        if webhook_secret is None:
+            raise HTTPException(403, f"no webhook secret configured (${alias_guard.SECRET_ENV} or "
+                                     f"${alias_guard.SECRET_FILE_ENV}): MLflow webhooks are refused")
+        if not alias_guard.signature_ok(webhook_secret, body, request.headers):
+            log.warning("MLflow webhook refused: bad or missing signature (from %s)", request.client)
+            raise HTTPException(401, "bad or missing X-MLflow-Signature")
+        try:
+            payload = json.loads(body)
+            entity, data = payload["entity"], payload["data"]
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, "not an MLflow webhook payload") from None
+        if entity != "model_version_alias" or data.get("name") != model_name or data.get("alias") != registry.CHAMPION:
+            return {"action": "ignored"}
+
+        def run() -> dict:
+            with guard_lock:
+                return alias_guard.reconcile(model_name, ui_promotion)
+
+        try:
+            done = await run_in_threadpool(run)
+        except registry.RegistryError as exc:   # e.g. champion moved again meanwhile: 503, MLflow delivers again
+            log.warning("MLflow webhook: %s", exc)
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+        refresher.wake()
+        return done
+
     @app.post("/detect")
     def detect(file: UploadFile = File(...)) -> dict:  # sync: scoring is CPU-bound and runs in the threadpool
         served = _served(champion)
@@ -167,19 +205,31 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
     return app
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from `receive` once a body passes the cap; an HTTPException, so FastAPI answers 413 with it."""
+class BodyRefused(HTTPException):
+    """Raised from `receive` when the body is cut off; an HTTPException, so FastAPI answers with it."""
+
+
+class BodyTooLarge(BodyRefused):
+    """The body passed the size cap (413)."""
+
+
+class BodyTimedOut(BodyRefused):
+    """The body was not complete within the request timeout (408)."""
 
 
 class RequestLimits:
     """ASGI middleware: counts each request body as it arrives and stops reading it past `max_body`
     (a declared Content-Length over it is refused before reading), and lets at most `max_concurrent`
-    requests to the `bounded` paths run at once (the next ones get 503 + Retry-After immediately)."""
+    requests to the `bounded` paths run at once (the next ones get 503 + Retry-After immediately), and
+    answers 408 when the body has not fully arrived `request_timeout_s` after the request began."""
 
     def __init__(self, app, *, max_body: int, max_upload_mb: float, max_concurrent: int,
-                 bounded: tuple[str, ...]) -> None:
+                 bounded: tuple[str, ...], request_timeout_s: float = 30.0) -> None:
         self.app, self.max_body, self.max_concurrent, self.bounded = app, max_body, max_concurrent, bounded
         self.too_large = f"upload too large (limit {max_upload_mb:g} MB)"
+        self.request_timeout_s = request_timeout_s
+        self.timed_out = (f"request body not received within {request_timeout_s:g} s "
+                          f"(serve.request_timeout_s); send it faster or in one go")
         self.active = 0   # only touched on the event loop
 
     async def __call__(self, scope, receive, send) -> None:
@@ -196,15 +246,22 @@ class RequestLimits:
                                     f"{self.max_concurrent}); retry in {RETRY_AFTER_S} s",
                          [(b"retry-after", str(RETRY_AFTER_S).encode())])
             return
-        received, started = 0, False
+        received, started, complete = 0, False, False
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
 
         async def capped_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:   # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise BodyTimedOut(408, self.timed_out) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise BodyTooLarge(413, self.too_large)
+                complete = not message.get("more_body", False)
             return message
 
         async def watched_send(message) -> None:
@@ -215,9 +272,9 @@ class RequestLimits:
         self.active += bounded
         try:
             await self.app(scope, capped_receive, watched_send)
-        except BodyTooLarge:   # raised outside a route's error handling: answer here if nothing was sent
+        except BodyRefused as exc:   # raised outside a route's error handling: answer here if nothing was sent
             if not started:
-                await _reply(send, 413, self.too_large)
+                await _reply(send, exc.status_code, exc.detail)
         finally:
             self.active -= bounded
 
@@ -256,9 +313,11 @@ def _save_upload(file: UploadFile, path: Path, max_bytes: int, max_upload_mb: fl
 
 def serve(params: Params, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = registry.DEFAULT_NAME,
           refresh_s: float = 5.0, max_upload_mb: float = 50.0, device: str = "cpu", max_duration_s: float = 600.0,
-          max_concurrent: int = 4) -> None:
-    """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields)."""
+          max_concurrent: int = 4, request_timeout_s: float = 30.0) -> None:
+    """Run the service with uvicorn until interrupted (keyword names match ServeConfig's fields); the
+    webhook secret comes from the environment (alias_guard.webhook_secret)."""
     import uvicorn
 
-    app = create_app(params, model_name, refresh_s, max_upload_mb, device, max_duration_s, max_concurrent)
+    app = create_app(params, model_name, refresh_s, max_upload_mb, device, max_duration_s, max_concurrent,
+                     request_timeout_s, alias_guard.webhook_secret(), params.registry.ui_promotion)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -11,9 +11,14 @@ Policies (see docs/audio.md):
   before the cut is lost); the length and silence checks then apply to what was decoded. It is an
   `AudioError` only when nothing is usable: the header cannot be read, the first read fails, or no
   samples decode (an ogg file cut inside its first audio page).
+- decoding one file takes at most `audio.decode_timeout_s` of wall time, checked after every read
+  of `_READ_FRAMES` frames: a file that makes the decoder crawl (a hostile or corrupt stream) is an
+  `AudioError` and the batch goes on. One libsndfile call is not interrupted; the byte-level fuzz
+  (tests/test_audio_fuzz.py) finds none that hangs.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +88,7 @@ def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | Non
     block = max(1, round(cfg.block_s * info.samplerate))
     max_frames = None if max_duration_s is None else max_duration_s * info.samplerate
     n_in, peak = 0, 0.0
+    deadline = time.monotonic() + cfg.decode_timeout_s
 
     def mono_blocks() -> Iterator[np.ndarray]:
         # Not SoundFile.blocks(): it ignores short reads (a truncated mp3 would be padded to its
@@ -104,6 +110,9 @@ def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | Non
                     break  # truncated or corrupt from here on: keep what decoded (module docstring)
                 if not len(data):
                     break
+                if time.monotonic() > deadline:
+                    raise AudioError(path, f"decoding took over {cfg.decode_timeout_s:g} s (audio.decode_timeout_s) "
+                                           f"at {(n_in + n_parts) / info.samplerate:.1f} s of audio")
                 mono = data.mean(axis=1, dtype=np.float32)
                 if not np.isfinite(mono).all():
                     raise AudioError(path, f"NaN or infinite samples near {(n_in + n_parts) / info.samplerate:.2f} s")

@@ -165,7 +165,7 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
 
 
 def promote(version: int | str | None = None, *, reason: str, force: bool = False, user: str | None = None,
-            name: str = DEFAULT_NAME) -> dict:
+            name: str = DEFAULT_NAME, ui_promotion: str = "revert") -> dict:
     """Make `version` (default: the challenger) champion; the old champion becomes previous-champion.
 
     Refused unless the version passed validation and champion is still the version it was judged against
@@ -174,7 +174,7 @@ def promote(version: int | str | None = None, *, reason: str, force: bool = Fals
     client = tracking.configure()
     with _registry_lock(client):
         before = _state(client, name)
-        current = _complete_pending(client, name, before)
+        current = _guard_unrecorded(client, name, _complete_pending(client, name, before), ui_promotion)
         pending = before[1]
         if version is None:
             if pending is not None and pending["action"] == "promote" and CHALLENGER not in current:
@@ -205,14 +205,15 @@ def promote(version: int | str | None = None, *, reason: str, force: bool = Fals
         return _move(client, name, event)
 
 
-def rollback(to: int | str | None = None, *, reason: str, user: str | None = None, name: str = DEFAULT_NAME) -> dict:
+def rollback(to: int | str | None = None, *, reason: str, user: str | None = None, name: str = DEFAULT_NAME,
+             ui_promotion: str = "revert") -> dict:
     """Make previous-champion (or version `to`, which must have been champion before) champion again;
     the replaced champion becomes previous-champion. An interrupted move is completed first; re-running
     an interrupted rollback completes it (and does not roll back again)."""
     client = tracking.configure()
     with _registry_lock(client):
         before = _state(client, name)
-        current = _complete_pending(client, name, before)
+        current = _guard_unrecorded(client, name, _complete_pending(client, name, before), ui_promotion)
         pending = before[1]
         if pending is not None and pending["action"] == "rollback" and (to is None or int(to) == pending["version"]):
             return _public(pending)       # this very rollback was interrupted: completed above
@@ -358,7 +359,10 @@ def _move(client: MlflowClient, name: str, event: dict, *, fresh: bool = True) -
     the same event again (`_complete_pending`) finishes it. Call with the registry lock held.
 
     `fresh`: a new decision (not the completion of a journalled one): compare-and-set, refused when
-    champion is no longer event["previous"] or another move is journalled."""
+    champion is no longer event["previous"] or another move is journalled.
+
+    event["previous_alias"], when given, is where previous-champion goes instead of event["previous"] (a
+    revert of an unguarded move records the version it replaced, but keeps the earlier rollback target)."""
     version, previous = event["version"], event["previous"]
     if fresh:
         now, pending = _state(client, name)
@@ -374,8 +378,9 @@ def _move(client: MlflowClient, name: str, event: dict, *, fresh: bool = True) -
         client.set_model_version_tag(name, str(version), key, value)
     if not _event_logged(client, name, event["id"]):
         _log_event(client, name, event)
-    if previous is not None and previous != version:
-        client.set_registered_model_alias(name, PREVIOUS, str(previous))
+    previous_alias = event.get("previous_alias", previous)   # a revert keeps previous-champion where it was
+    if previous_alias is not None and previous_alias != version:
+        client.set_registered_model_alias(name, PREVIOUS, str(previous_alias))
     fault_point("registry.previous")
     client.set_registered_model_alias(name, CHAMPION, str(version))
     fault_point("registry.champion")
@@ -409,6 +414,16 @@ def _complete_pending(client: MlflowClient, name: str,
     log.warning("%s: completing the interrupted %s of v%s (started %s by %s)", name, pending["action"],
                 pending["version"], pending["at"], pending["user"])
     _move(client, name, pending, fresh=False)
+    return _state(client, name)[0]
+
+
+def _guard_unrecorded(client: MlflowClient, name: str, current: dict[str, int], ui_promotion: str) -> dict[str, int]:
+    """A champion moved outside aivoice (the MLflow UI) and not yet reconciled by the webhook is brought into
+    the history first (alias_guard), so a decision never takes an unguarded champion as its baseline."""
+    from pipeline.io import alias_guard   # alias_guard builds on this module
+
+    if alias_guard.reconcile_locked(client, name, current, ui_promotion)["action"] == "none":
+        return current
     return _state(client, name)[0]
 
 
