@@ -246,9 +246,9 @@ class FinetuneConfig(Section):
                                "replay, as the base saw them")
     new_share: float = Field(0.5, gt=0, le=1, description="share of the AI class's loss weight on the new samples "
                              "(the rest on earlier AI replay)")
-    distill_weight: float = Field(1.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps "
+    distill_weight: float = Field(3.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps "
                                   "the language and speakers heads' outputs as production's")
-    distill_ai: float = Field(0.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps the ai "
+    distill_ai: float = Field(3.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps the ai "
                               "head's output on the replay (humans, earlier AI) as production's")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="train-split humans (by speaker, and copies) for early stopping")
     calibration_fraction: float = Field(0.4, gt=0, lt=1, description="test-split humans (by speaker) for threshold "

@@ -278,6 +278,26 @@ def test_last_block_finetune_trains_layer4_and_keeps_everything_else(project, sm
     assert candidate.meta.threshold_scoring == scoring_settings(params), "the threshold carries its scoring settings"
 
 
+def test_distilling_the_ai_head_keeps_the_replay_scores_near_production(project, small_corpus, tiny_params):
+    # given: one store and base, fine-tuned twice by last_block, without and with the ai head's distillation
+    from pipeline.training.finetune import CACHE_FOR, cache_inputs, prepare
+
+    runs = {}
+    for weight in (0.0, 30.0):
+        params = _with_recipe(tiny_params, "last_block", distill_ai=weight, epochs=8, patience=8, lr=3e-3)
+        base = _store_with_new_samples(small_corpus, params) if not runs else runs["base"]
+        candidate, _ = finetune(base, params)
+        data = prepare(params)
+        replay = torch.from_numpy(~np.isin(data.seg.files, list(data.generators)))
+        x = cache_inputs(base, data.seg.waves, params, CACHE_FOR["last_block"], "cpu", 0)[replay]
+        with torch.no_grad():
+            p_base = base.heads["ai"](base.trunk.from_layer3(x)).softmax(-1)[:, 1]
+            p_cand = candidate.heads["ai"](candidate.trunk.from_layer3(x)).softmax(-1)[:, 1]
+        runs |= {"base": base, weight: float((p_cand - p_base).abs().mean())}
+    # then: with the distillation the replay's ai scores moved less from production's
+    assert runs[30.0] < runs[0.0], f"mean |score change| on the replay: {runs}"
+
+
 def test_input_layers_finetune_trains_the_stem_and_layer1_only(project, small_corpus, tiny_params):
     params = _with_recipe(tiny_params, "input_layers", epochs=2)
     base = _store_with_new_samples(small_corpus, params)
