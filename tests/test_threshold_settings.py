@@ -64,3 +64,21 @@ def test_the_registry_tags_the_threshold_with_its_settings(mlflow_store, calibra
     version = registry.register(calibrated_checkpoint, name="m", base=True)
     tags = MlflowClient().get_model_version("m", str(version)).tags
     assert json.loads(tags["threshold_scoring"]) == scoring_settings(load_params("/nonexistent")), tags
+
+
+def test_serve_says_when_its_settings_differ_from_the_thresholds(mlflow_store, calibrated_checkpoint, caplog):
+    # given a champion whose threshold was calibrated at hop 1.5 s, mean aggregation
+    from fastapi.testclient import TestClient
+
+    from pipeline.apps.serve import create_app
+    from pipeline.io import registry
+
+    registry.register(calibrated_checkpoint, gates_passed=True)
+    for params, expected in ((load_params("/nonexistent"), None),
+                             (load_params("/nonexistent", overrides={"detect.aggregate": "max"}), "detect.aggregate")):
+        # when the service runs with the same settings, then with another aggregation
+        with caplog.at_level("WARNING"), TestClient(create_app(params)) as client:
+            reported = client.get("/model").json()["threshold_mismatch"]
+        # then /model and the log say so only for the changed one (the service keeps serving)
+        assert (reported is None) if expected is None else (expected in reported), reported
+    assert any("calibrated with other scoring settings" in r.message for r in caplog.records), "logged once"

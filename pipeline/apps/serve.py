@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from pipeline.io import alias_guard, registry
 from pipeline.config import Params
 from pipeline.apps.detect import detect_files
-from pipeline.core.scoring import Scorer
+from pipeline.core.scoring import Scorer, threshold_mismatch
 
 log = logging.getLogger(__name__)
 _MULTIPART_SLACK = 64 * 1024  # multipart framing around the file, allowed on top of the size limit
@@ -51,6 +51,7 @@ class Served:
     threshold: float
     loaded_at: str
     promotion: dict | None = None   # the version's latest promotion or rollback: at, by, reason, action
+    threshold_mismatch: str | None = None   # scoring settings other than those the threshold was calibrated with
 
 
 class Champion:
@@ -70,9 +71,13 @@ class Champion:
             model, resolved = registry.load_model(version, self.params, name=self.model_name)  # by number: no race
             scorer = Scorer(model, self.params.audio, self.device)
             promotion = registry.describe_version(version, self.model_name)["promotion"]
+            mismatch = threshold_mismatch(model.meta, self.params)
             self.current = Served(scorer, replace(resolved, alias=registry.CHAMPION), model.meta.threshold,
-                                  datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion)
+                                  datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion, mismatch)
         log.info("serving %s v%d (%s)", self.model_name, version, resolved.checkpoint_path)
+        if mismatch:   # the service keeps serving (refusing would take it down), but says so where it is read
+            log.warning("v%d's threshold was calibrated with other scoring settings: %s; its false-positive rate "
+                        "does not hold under these (GET /model: threshold_mismatch)", version, mismatch)
         return True
 
 
@@ -153,7 +158,8 @@ def create_app(params: Params, model_name: str = registry.DEFAULT_NAME, refresh_
         served = _served(champion)
         return {"name": model_name, "version": served.resolved.version, "alias": served.resolved.alias,
                 "threshold": served.threshold, "checkpoint": str(served.resolved.checkpoint_path),
-                "loaded_at": served.loaded_at, "promotion": served.promotion, "limits": limits}
+                "loaded_at": served.loaded_at, "promotion": served.promotion, "limits": limits,
+                "threshold_mismatch": served.threshold_mismatch}
 
     guard_lock = threading.Lock()   # one reconcile at a time in this process (the registry lock spans processes)
 
