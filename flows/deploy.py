@@ -26,6 +26,7 @@ from flows.retrain import DEFAULT_REASON, RetrainParams, retrain
 
 ENTRYPOINT = "flows/retrain.py:retrain"
 MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
+GC_ENTRYPOINT = "flows/retention.py:gc"
 TAG = "aivoice"                 # on every deployment, hence every flow run the crash automation watches
 HEARTBEAT_S = 30                # a flow run's heartbeat period (Prefect's minimum)
 CRASH_AFTER_S = 90              # no heartbeat for this long: the run is marked CRASHED (Prefect's example: 3 beats)
@@ -79,6 +80,15 @@ def deploy_monitor(paths: list[str], *, name: str = "traffic", work_pool: str = 
     return _deploy(MONITOR_ENTRYPOINT, repo, name=name, work_pool=work_pool, paused=False,
                    schedules=[Cron(cron, timezone=timezone)] if cron else [], parameters={"params": params.model_dump()},
                    concurrency_limit=None, tags=["monitor"], description="monitor traffic of %s" + (f" on '{cron}'" if cron else ""))
+
+
+def deploy_gc(cron: str, *, name: str = "retention", work_pool: str = DEFAULT_POOL, repo: str = ".",
+              timezone: str = "UTC", keep: int | None = None) -> str:
+    """Create or update deployment `gc/<name>`: the gc flow (flows/retention.py) of the project at `repo` on
+    `cron`, in process work pool `work_pool`. Returns its id."""
+    return _deploy(GC_ENTRYPOINT, repo, name=name, work_pool=work_pool, paused=False,
+                   schedules=[Cron(cron, timezone=timezone)], parameters={"repo": str(Path(repo).resolve()), "keep": keep},
+                   concurrency_limit=1, tags=["gc"], description=f"gc of %s on '{cron}' ({timezone})")
 
 
 def _deploy(entrypoint: str, repo: str, *, name: str, work_pool: str, tags: list[str], description: str,

@@ -427,3 +427,30 @@ def _scores(mlflow_run_id: str) -> list[dict]:
         table = json.loads(Path(client.download_artifacts(mlflow_run_id, "scores.json", tmp)).read_text())
     cols = table["columns"]
     return [dict(zip(cols, row)) for row in table["data"] if row[cols.index("error")] is None]
+
+
+@pytest.mark.integration
+def test_gc_flow_keeps_aliased_and_newest_copies_and_reports_what_it_freed(tmp_path, monkeypatch, mlflow_store,
+                                                                           tiny_checkpoint, prefect_backend):
+    from flows.retention import gc
+    from pipeline.config import load_params
+    from pipeline.io import registry, tracking
+
+    # given: a base champion and two later candidates that failed, each checkpoint downloaded once
+    monkeypatch.chdir(tmp_path)
+    v1 = registry.register(tiny_checkpoint(seed=1), name=MODEL, base=True)
+    v2 = registry.register(tiny_checkpoint(seed=2), name=MODEL, gates_passed=False)
+    v3 = registry.register(tiny_checkpoint(seed=3), name=MODEL, gates_passed=False)
+    for v in (v1, v2, v3):
+        registry.load_model(v, load_params("/nonexistent"), name=MODEL)
+    cache = tracking.cache_dir(tracking.configure().tracking_uri) / MODEL
+    assert len(list(cache.glob("v*-*"))) == 3, "three local copies"
+    # when: the gc flow runs keeping one unaliased version
+    state = gc(repo=str(tmp_path), keep=1, dvc=False, return_state=True)
+    result = state.result()
+    # then: the champion's and the newest candidate's copies stay, v2's goes; every version stays registered
+    left = sorted(p.name.split("-")[0] for p in cache.glob("v*-*"))
+    assert left == [f"v{v1}", f"v{v3}"] and len(result["removed"]) == 1 and result["freed_bytes"] > 0, result
+    assert [v["version"] for v in registry.list_versions(MODEL)] == [v1, v2, v3] or \
+        sorted(v["version"] for v in registry.list_versions(MODEL)) == [v1, v2, v3], "no version is deleted"
+    assert "gc-report" in artifacts(state.state_details.flow_run_id), "what was freed is a Prefect artifact"
