@@ -27,11 +27,15 @@ Chunk = tuple[np.ndarray, np.ndarray]   # (log-spectrograms (n, 1, bins, T), rms
 
 
 def resolve_workers(setting: str | int, n_files: int) -> int:
-    """`detect.workers`: auto = one worker per CPU core beyond the model's own, at least 1 and at most
-    4, and none for a single file (process start would cost more than it saves)."""
+    """`detect.workers`: auto = one worker per CPU core beyond the model's own, at most 4; none for a
+    single file (process start would cost more than it saves), and none where `compute.threads: auto`
+    would use one thread (<= 2 cores, or a 1-minute load at least the core count): there the workers
+    only take CPU from the model (docs/benchmarks.md, section 8)."""
+    from pipeline.config import auto_threads
+
     if setting != "auto":
         return int(setting)
-    if n_files < 2:
+    if n_files < 2 or auto_threads() == 1:
         return 0
     return max(1, min(4, (os.cpu_count() or 1) - 1))
 

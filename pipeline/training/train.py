@@ -201,7 +201,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
         model.train()
-        losses = []
+        losses, epoch_started = [], time.monotonic()
         bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", when=rank == 0)
         for i in bar:
             step = (epoch - 1) * cfg.steps_per_epoch + i
@@ -219,11 +219,13 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        stop = False
+        stop, train_s = False, time.monotonic() - epoch_started
         if rank == 0:
             eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
-                            "wall_s": round(time.monotonic() - started, 1)})
+                            "wall_s": round(time.monotonic() - started, 1), "train_s": round(train_s, 2),
+                            "segments_per_s": round(cfg.steps_per_epoch * params.train.batch_size / train_s, 2),
+                            "processes": world})
             log.info("epoch %d: train loss %.4f (rank 0 of %d), validation EER %.4f", epoch, np.mean(losses), world, eer)
             epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
             if eer < best_eer:
