@@ -7,6 +7,7 @@ JSON lines (the scores do not depend on the workers).
 
     python bench/detect_workers.py                               # shared corpus, workers 0 1 2, 1 and 2 threads
     python bench/detect_workers.py --workers 0 2 --threads 1 --rounds 2
+    git archive 1ea1a35 | tar -x -C /tmp/base && python bench/detect_workers.py --baseline /tmp/base
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", nargs="+", default=["0", "1", "2"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--baseline", type=Path, help="a checkout of the code before --workers (git archive): measured "
+                    "too, as workers 'base', with the same model and params")
     ap.add_argument("--out", type=Path, default=RESULTS / "detect_workers.json")
     args = ap.parse_args(argv)
 
@@ -51,18 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     for r in range(args.rounds):
         for threads in args.threads:
-            for workers in args.workers:
-                pfile = tmp / f"params-{threads}.yaml"
-                pfile.write_text((REPO / "params.yaml").read_text().replace("threads: auto", f"threads: {threads}"))
+            for workers in (["base"] if args.baseline else []) + args.workers:
+                base = workers == "base"
+                pfile = tmp / f"params-{threads}{'-base' if base else ''}.yaml"
+                source = (args.baseline if base else REPO) / "params.yaml"
+                pfile.write_text(source.read_text().replace("threads: auto", f"threads: {threads}"))
                 load = os.getloadavg()[0]
                 t = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-m", "pipeline.apps.cli", "--params", str(pfile), "detect",
-                                       str(args.folder), "--model", model, "--format", "json", "--workers", workers],
-                                      capture_output=True, text=True, env=env, cwd=REPO)
+                                       str(args.folder), "--model", model, "--format", "json"]
+                                      + ([] if base else ["--workers", workers]), capture_output=True, text=True,
+                                      env=env | {"PYTHONPATH": str(args.baseline if base else REPO)},
+                                      cwd=args.baseline if base else REPO)
                 wall = time.perf_counter() - t
                 lines = proc.stdout.splitlines()
                 digest = hashlib.sha256(proc.stdout.encode()).hexdigest()[:12]
-                outputs.setdefault(digest, []).append(f"t{threads}w{workers}")
+                if proc.returncode not in (0, 1) or not lines:
+                    raise SystemExit(f"{workers} failed:\n{proc.stderr[-2000:]}")
+                if not base:   # the old code's scores differ in the last digits (other feature batching)
+                    outputs.setdefault(digest, []).append(f"t{threads}w{workers}")
                 rows.append({"round": r + 1, "threads": threads, "workers": workers, "files": len(lines),
                              "errors": sum(1 for x in lines if json.loads(x)["error"]), "wall_s": round(wall, 1),
                              "x_realtime": round(audio_s / wall, 1), "load_1min": round(load, 2), "output": digest})
