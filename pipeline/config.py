@@ -133,6 +133,19 @@ class ModelConfig(Section):
     dropout: float = Field(0.2, ge=0, lt=1)
 
 
+def _workers(value: object) -> Literal["auto"] | int:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"must be auto or an integer >= 0, not {value!r}")
+
+
+Workers = Annotated[Literal["auto"] | int, PlainValidator(_workers)]
+
+
 class DetectConfig(Section):
     """Scoring: sliding windows, aggregation and the default decision threshold."""
 
@@ -143,6 +156,8 @@ class DetectConfig(Section):
     batch_windows: int = Field(32, gt=0)
     silent_window_db: float = Field(0.0, ge=0, description="leave windows this many dB below the clip's loudest "
                                     "window out of the clip score (0 = score every window)")
+    workers: Workers = Field("auto", description="`aivoice detect`: processes that decode and compute features "
+                             "ahead of the model (0 = in the main process; auto: pipeline.apps.decode_pool)")
 
 
 class CalibrationConfig(Section):
@@ -184,6 +199,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     gpu_batch_size: int = Field(128, gt=0, description="batch size when training on a GPU (bf16, channels_last)")
+    compile: bool = Field(False, description="torch.compile the model for training on CUDA (ignored on CPU; "
+                          "untested on a GPU so far)")
     out: str = "models/base.pt"
     report: str = "reports/bootstrap.json"
 
@@ -401,7 +418,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict | None = None
 
 
 # how fast, how long or where, not what is computed: changing these leaves a model's params_hash alone
-_NOT_HASHED = {"compute": True, "storage": True, "audio": {"decode_timeout_s"}}
+_NOT_HASHED = {"compute": True, "storage": True, "audio": {"decode_timeout_s"}, "detect": {"workers"}}
 
 
 def params_hash(params: BaseModel) -> str:

@@ -86,3 +86,30 @@ def test_gain_and_resampling_do_not_change_the_score(tmp_path, speech_like, mode
 
 def test_missing_model_is_a_clear_error(batch, params_file, tmp_path):
     assert main(["--params", str(params_file), "detect", str(batch), "--model", str(tmp_path / "nope.pt")]) == 2
+
+
+@pytest.mark.integration
+def test_decoding_workers_give_the_same_results(small_corpus, tmp_path, model_path, params_file, capsys, caplog):
+    # given real clips of every kind of the small corpus (wav/flac/mp3/ogg as built), a silent and a broken file
+    clips = sorted(p for p in small_corpus.root.rglob("*") if p.suffix in {".wav", ".flac", ".mp3", ".ogg"})[::3][:24]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, clip in enumerate(clips):
+        (folder / f"{i:02d}_{clip.name}").write_bytes(clip.read_bytes())
+    sf.write(folder / "10_silence.wav", np.zeros(48000, np.float32), 16000)
+    (folder / "11_broken.wav").write_text("not audio")
+    caplog.set_level("INFO", logger="aivoice")
+    out = {}
+    for workers in ("0", "2"):
+        caplog.clear()
+        code = main(["--params", str(params_file), "detect", str(folder), "--model", str(model_path), "--format", "json",
+                     "--workers", workers])
+        out[workers] = capsys.readouterr().out
+        assert code == 1, "the broken and the silent file fail, the rest are scored"
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 2 and any("11_broken.wav: not a readable audio file" in e for e in errors), errors
+    assert "2 decoding worker(s)" in caplog.text, "the second run used the workers"
+    rows = [json.loads(line) for line in out["2"].splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in sorted(folder.iterdir())], "file order kept"
+    assert sum(1 for r in rows if r["error"] is None) == len(clips), "every real clip scored"
+    assert out["0"] == out["2"], "identical output, scores to the last digit, with and without workers"

@@ -122,3 +122,24 @@ def test_a_pair_is_one_crop_of_a_clip_and_its_twin_under_one_channel():
     for i in range(0, 8, 2):
         assert torch.equal(waves[i], waves[i + 1]), "same crop, same channel augmentation for both halves of a pair"
     assert len({waves[i].sum().item() for i in range(0, 8, 2)}) > 1, "pairs differ from each other"
+
+
+def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
+    from pipeline.core.data import Clip
+    from pipeline.training.train import make_shard
+
+    params = load_params("/nonexistent", overrides={"train.twin_fraction": 0.5, "train.batch_size": 8})
+    wave = make_speech_like(5.0, 24000, seed=7)
+    human = LoadedClip(Clip(Path("h.wav"), 0, "human", "s", "en", "src", sha256="h"), wave, (0, len(wave)))
+    twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave * 0.5, (0, len(wave)))
+    other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
+    sampler = BalancedSampler([human, twin, other], np.random.default_rng(0))
+    whole, ai, _, _, _ = make_shard(sampler, params, ["en"], step=3)
+    first, ai0, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=0, world=2)
+    second, ai1, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=1, world=2)
+    assert len(first) == len(second) == 4, "each of two ranks gets half of the global batch"
+    # pairs 0, 2 on rank 0 and 1, 3 on rank 1: interleaved by pair they are the one-process batch
+    merged = torch.cat([first[0:2], second[0:2], first[2:4], second[2:4]])
+    assert torch.equal(merged, whole), "the ranks' shares are exactly the one-process batch"
+    other_step, _, _, _, _ = make_shard(sampler, params, ["en"], step=4)
+    assert not torch.equal(other_step, whole), "each step draws anew"

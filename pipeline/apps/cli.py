@@ -18,26 +18,37 @@ def _cmd_detect(args, params) -> int:
     from pipeline.io import registry
     from pipeline.core.audio import find_audio
     from pipeline.apps.detect import detect_files, write_results
+    from pipeline.apps.decode_pool import DecodePool, resolve_workers
     from pipeline.core.scoring import Scorer, threshold_mismatch
 
-    model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
-    model_ref = _describe_model(resolved, params)
-    threshold = args.threshold if args.threshold is not None else model.meta.threshold
-    mismatch = threshold_mismatch(model.meta, params) if args.threshold is None else None
-    if mismatch:   # its false-positive rate was measured under other scoring settings
-        if not args.force:
-            log.error("%s: threshold %.3f was calibrated with other scoring settings: %s; set them back, give "
-                      "--threshold, or --force", model_ref, threshold, mismatch)
-            return 2
-        log.warning("%s: threshold %.3f was calibrated with other scoring settings (%s); --force: using it anyway",
-                    model_ref, threshold, mismatch)
-    scorer = Scorer(model, params.audio, args.device)
     paths = find_audio(args.paths)
     if not paths:
         log.error("no audio files found in %s", " ".join(map(str, args.paths)))
         return 1
-    log.info("scoring %d file(s) with %s (threshold %.3f)", len(paths), model_ref, threshold)
-    results = write_results(detect_files(paths, scorer, params, threshold, model_name=str(model_ref)), args.format, sys.stdout)
+    workers = resolve_workers(params.detect.workers if args.workers is None else args.workers, len(paths))
+    if args.device == "cuda":
+        workers = 0   # the front end runs on the GPU beside the model
+    pool = DecodePool(workers) if workers else None   # started first: the workers import torch meanwhile
+    try:
+        model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
+        model_ref = _describe_model(resolved, params)
+        threshold = args.threshold if args.threshold is not None else model.meta.threshold
+        mismatch = threshold_mismatch(model.meta, params) if args.threshold is None else None
+        if mismatch:   # its false-positive rate was measured under other scoring settings
+            if not args.force:
+                log.error("%s: threshold %.3f was calibrated with other scoring settings: %s; set them back, give "
+                          "--threshold, or --force", model_ref, threshold, mismatch)
+                return 2
+            log.warning("%s: threshold %.3f was calibrated with other scoring settings (%s); --force: using it anyway",
+                        model_ref, threshold, mismatch)
+        scorer = Scorer(model, params.audio, args.device)
+        log.info("scoring %d file(s) with %s (threshold %.3f; %d decoding worker(s))", len(paths), model_ref, threshold,
+                 workers if scorer.device.type == "cpu" else 0)
+        results = write_results(detect_files(paths, scorer, params, threshold, model_name=str(model_ref),
+                                             pool=pool if scorer.device.type == "cpu" else None), args.format, sys.stdout)
+    finally:
+        if pool is not None:
+            pool.close()
     failed = [r for r in results if r.error]
     for r in failed:
         log.error("%s: %s", r.path, r.error)
@@ -54,7 +65,16 @@ def _cmd_bootstrap(args, params) -> int:
     from pipeline.training.evaluate import GENERATOR_COLUMNS, format_table
     from pipeline.stages.bootstrap import run
 
+    if args.nproc > 1:   # the same command again, under torchrun, in nproc processes
+        from pipeline.training.distributed import launch
+
+        if args.lso:
+            log.error("--lso with --nproc: run `aivoice evaluate` first, then bootstrap")
+            return 2
+        return launch(args.nproc, "pipeline.apps.cli", _without_nproc(args.argv))
     report = run(params, args.corpus, args.out, args.report, args.twins, args.lso, args.seeds)
+    if not report:   # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     if report["lso"]:
         from pipeline.stages.evaluate import describe
 
@@ -74,6 +94,18 @@ def _cmd_bootstrap(args, params) -> int:
     print(f"report: {args.report or params.train.report}")
     print(f"registered {params.registry.model_name} v{report['model_version']} (MLflow run {report['mlflow_run_id']})")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _cmd_evaluate(args, params) -> int:
@@ -388,6 +420,15 @@ def _cmd_remote(args, params) -> int:
     return 0
 
 
+def _workers_arg(value: str):
+    from pipeline.config import _workers
+
+    try:
+        return _workers(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aivoice", description="AI-generated-voice detector and its retraining pipeline")
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
@@ -403,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv", "hf"), default="table",
                    help="hf: per file, Hugging Face's audio-classification list [{label, score}, ...], one line each")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=_workers_arg, help="processes decoding and computing features ahead of the model: auto or N "
+                   "(0 = none; default: detect.workers)")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("bootstrap", help="train a base model from scratch on a labelled corpus folder")
@@ -413,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lso", type=int, default=0, metavar="K",
                    help="first evaluate the recipe leave-sources-out with K folds and tag the version with the figures")
     p.add_argument("--seeds", type=int, default=1, help="with --lso: training seeds")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes under torchrun (DistributedDataParallel: gloo on CPU, NCCL on GPUs)")
     p.set_defaults(func=_cmd_bootstrap)
 
     p = sub.add_parser("evaluate", help="leave-sources-out evaluation of the bootstrap recipe (K fold models per seed)")
@@ -525,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     from pipeline.core.data import CorpusError

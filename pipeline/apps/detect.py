@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import torch
 
 from pipeline.config import Params
 from pipeline.core.audio import AudioError, audio_info, stream_audio
+from pipeline.apps.decode_pool import CpuFeatures, DecodePool, feature_chunks
 from pipeline.core.features import stream_windows, window_starts
 from pipeline.core.scoring import Scorer, score_streams
 from pipeline.progress import enabled, progress
@@ -40,27 +42,30 @@ LONG_RUN_FILES, LONG_RUN_S = 20, 60.0   # a progress bar from this many files, o
 
 
 def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: float, model_name: str = "",
-                 max_duration_s: float | None = None) -> Iterator[Detection]:
+                 max_duration_s: float | None = None, pool: DecodePool | None = None) -> Iterator[Detection]:
     """Score each file (streamed, so hours-long files use bounded memory); errors are per file.
     `max_duration_s` refuses longer files (the service's cap; the CLI scores files of any length). A long
     run (many files, or a minute of audio or more) shows a progress bar in seconds of audio on stderr
-    (pipeline.progress: only on a terminal)."""
+    (pipeline.progress: only on a terminal).
+
+    On CPU the files' windows reach the model as features computed on CPU in chunks of
+    `detect.batch_windows` per file (pipeline.apps.decode_pool), in the `pool`'s worker processes when
+    one is given, so the scores do not depend on the number of workers."""
     sr = params.audio.sample_rate
     seg, hop = params.audio.segment_samples, round(params.detect.hop_s * sr)
     decoded = [0] * len(paths)   # samples per file at the model's rate: where each window starts
-
-    def counted(i: int, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        for block in blocks:
-            decoded[i] += len(block)
-            yield block
 
     expected = [_header_seconds(p) for p in paths] if enabled() else [0.0] * len(paths)
     long_run = len(paths) > LONG_RUN_FILES or sum(expected) >= LONG_RUN_S
     bar = progress(total=round(sum(expected), 1), desc="detect", unit="s", when=long_run,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
-    streams = (stream_windows(counted(i, _counted(stream_audio(p, params.audio, max_duration_s), bar, sr, s)), seg, hop)
-               for i, (p, s) in enumerate(zip(paths, expected)))
-    for i, (path, res) in enumerate(zip(paths, score_streams(scorer, streams, params.detect))):
+    if scorer.device.type == "cpu":
+        streams = _feature_streams(paths, scorer, params, max_duration_s, pool, decoded, bar, expected)
+    else:   # the front end runs on the GPU beside the model; no workers
+        streams = (stream_windows(_counted(_adding(stream_audio(p, params.audio, max_duration_s), decoded, i), bar, sr, s),
+                                  seg, hop) for i, (p, s) in enumerate(zip(paths, expected)))
+    results = score_streams(scorer, streams, params.detect, featurized=scorer.device.type == "cpu")
+    for i, (path, res) in enumerate(zip(paths, results)):
         if isinstance(res, AudioError):
             yield Detection(path=str(path), error=res.reason, model=model_name)
         else:
@@ -70,6 +75,66 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
                             duration_s=round(decoded[i] / sr, 3),
                             language=res.language, speakers=res.speakers, model=model_name)
     bar.close()
+
+
+def _adding(blocks: Iterator[np.ndarray], decoded: list[int], i: int) -> Iterator[np.ndarray]:
+    for block in blocks:
+        decoded[i] += len(block)
+        yield block
+
+
+def _feature_streams(paths: list[Path], scorer: Scorer, params: Params, max_duration_s: float | None,
+                     pool: DecodePool | None, decoded: list[int], bar, expected: list[float]) -> Iterator[Iterator]:
+    """Per file, a stream of (features, rms) windows for `score_streams(featurized=True)`; it raises the
+    file's AudioError after the windows decoded before it, with or without workers."""
+    sr, seg, hop = params.audio.sample_rate, params.audio.segment_samples, round(params.detect.hop_s * params.audio.sample_rate)
+    chunk, feats = params.detect.batch_windows, scorer.model.meta.feature_config()
+    local = CpuFeatures(params.audio, feats)
+
+    def streamed(i: int, path: Path) -> Iterator:
+        moved = [0.0]
+
+        def on_block(block: np.ndarray) -> None:   # the bar moves while a long file decodes
+            decoded[i] += len(block)
+            step = min(len(block) / sr, max(0.0, expected[i] - moved[0]))
+            moved[0] += step
+            bar.update(step)
+        try:
+            yield from _windows_of(feature_chunks(path, params.audio, local, seg, hop, chunk, max_duration_s, on_block))
+        finally:
+            bar.update(max(0.0, expected[i] - moved[0]))
+
+    if pool is None:
+        for i, path in enumerate(paths):
+            yield streamed(i, path)
+        return
+    for i, (kind, chunks, n, reason) in enumerate(pool.decode(paths, params.audio, feats, seg, hop, chunk, max_duration_s)):
+        if kind == "stream":
+            yield streamed(i, paths[i])
+            continue
+        decoded[i] = n
+        yield _with_bar(_replayed(chunks, paths[i], reason), bar, expected[i])
+
+
+def _windows_of(chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[torch.Tensor, float]]:
+    for feats, rms in chunks:
+        feats = torch.from_numpy(feats)
+        for j in range(len(rms)):
+            yield feats[j], rms[j]
+
+
+def _replayed(chunks: list, path: Path, reason: str | None) -> Iterator[tuple[torch.Tensor, float]]:
+    yield from _windows_of(chunks)
+    if reason is not None:
+        raise AudioError(path, reason)
+
+
+def _with_bar(windows: Iterator, bar, expected_s: float) -> Iterator:
+    """Moves the bar by the file's header duration once its windows are used up (or it failed)."""
+    try:
+        yield from windows
+    finally:
+        bar.update(expected_s)
 
 
 def _header_seconds(path: Path) -> float:

@@ -50,20 +50,28 @@ class WindowScores:
 
 class Scorer:
     """Runs a detector on batches of raw windows (B, segment_samples) in eval mode without gradients,
-    through the front end recorded in the model's checkpoint."""
+    through the front end recorded in the model's checkpoint. The two halves (`features`, `heads`) can
+    run in different processes: `aivoice detect --workers N` computes features where it decodes."""
 
     def __init__(self, model: Detector, audio: AudioConfig, device: str = "auto") -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.front_end = FrontEnd(audio, model.meta.feature_config()).to(self.device)
 
-    @torch.no_grad()
-    def __call__(self, batch: np.ndarray) -> WindowScores:
+    @torch.inference_mode()
+    def features(self, batch: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(log-spectrograms (B, 1, bins, T) on the scorer's device, rms level of each window (B,))."""
         x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
-        out = self.model(self.front_end(x))  # dict of (B, classes) logits
+        return self.front_end(x), x.square().mean(-1).sqrt().cpu().numpy()
+
+    @torch.inference_mode()
+    def heads(self, feats: torch.Tensor, rms: np.ndarray) -> WindowScores:
+        out = self.model(feats.to(self.device))  # dict of (B, classes) logits
         prob = {k: v.float().softmax(-1).cpu().numpy() for k, v in out.items()}
-        rms = x.square().mean(-1).sqrt().cpu().numpy()
         return WindowScores(ai=prob["ai"][:, AI_LABEL], language=prob["language"], speakers=prob["speakers"], rms=rms)
+
+    def __call__(self, batch: np.ndarray) -> WindowScores:
+        return self.heads(*self.features(batch))
 
 
 @dataclass
@@ -91,11 +99,13 @@ def aggregate(parts: list[WindowScores], how: str, languages: tuple[str, ...], s
                      speakers=SPEAKER_CLASSES[int(spk.argmax())])
 
 
-def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detect: DetectConfig) -> Iterator[ClipScore | AudioError]:
+def score_streams(scorer: Scorer, streams: Iterable[Iterable], detect: DetectConfig,
+                  featurized: bool = False) -> Iterator[ClipScore | AudioError]:
     """Score clips given as lazy streams of fixed windows, batching windows across clips.
 
     Yields one result per stream, in order: its ClipScore, or the AudioError it raised (the other
-    clips are still scored).
+    clips are still scored). With `featurized`, stream items are already (log-spectrogram (1, bins, T),
+    rms) pairs from `Scorer.features`, and only the model runs here.
     """
     languages = scorer.model.meta.languages
     batch: list[np.ndarray] = []
@@ -105,7 +115,10 @@ def score_streams(scorer: Scorer, streams: Iterable[Iterable[np.ndarray]], detec
 
     def flush() -> None:
         if batch:
-            s = scorer(np.stack(batch))
+            if featurized:
+                s = scorer.heads(torch.stack([f for f, _ in batch]), np.array([r for _, r in batch], np.float32))
+            else:
+                s = scorer(np.stack(batch))
             for idx in dict.fromkeys(owners):
                 sel = np.array([o == idx for o in owners])
                 parts[idx].append(WindowScores(s.ai[sel], s.language[sel], s.speakers[sel], s.rms[sel]))

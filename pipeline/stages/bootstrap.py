@@ -21,14 +21,24 @@ from pipeline.stages import evaluate
 from pipeline.config import Params, apply_threads, load_params
 from pipeline.core.data import LABELS
 from pipeline.training.plots import write_plots
+from pipeline.training.distributed import init_from_env
 from pipeline.training.report import describe_base
 from pipeline.training.train import bootstrap
 
 
 def run(params: Params, corpus: str | Path, out: str | Path | None = None, report: str | Path | None = None,
         twins: str | Path | None = None, lso: int = 0, seeds: int = 1) -> dict:
-    """Train, log params/lineage/per-epoch and validation metrics/the report, register; return the report."""
-    require_free(out or params.train.out, params.storage.min_free_gb, "bootstrap")
+    """Train, log params/lineage/per-epoch and validation metrics/the report, register; return the report.
+    Under torchrun with several processes, ranks other than 0 only train (pipeline.training.train) and
+    return {}; rank 0 does everything else."""
+    rank, world = init_from_env()
+    if not rank:
+        require_free(out or params.train.out, params.storage.min_free_gb, "bootstrap")
+    if world > 1 and lso:
+        raise ValueError("--lso with several processes: run `aivoice evaluate` first, then bootstrap")
+    if rank:
+        bootstrap(corpus, params, out, report, twins)
+        return {}
     lso_tags, lso_result = {}, None
     if lso:
         lso_result = evaluate.run(params, corpus, lso, seeds, twins)
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except DiskSpaceError as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 2
+    if not result:   # not rank 0
+        return 0
     print(f"registered v{result['model_version']} (run {result['mlflow_run_id']})")
     return 0
 

@@ -37,6 +37,7 @@ from pipeline.core.scoring import pick_device, score_model, scoring_settings
 from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
+from pipeline.training.distributed import broadcast_flag, init_from_env, local_device
 from pipeline.training.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -100,33 +101,58 @@ def voiced_crop(item: LoadedClip, seg: int, rng: np.random.Generator, region: tu
     return crop_at(voiced, start, seg), start
 
 
-def make_batch(sampler: BalancedSampler, params: Params, languages: list[str], rng: np.random.Generator):
-    """(waves (B, seg), ai labels, language labels (-100 = unknown), speakers labels)."""
+def _pair_rows(sampler: BalancedSampler, params: Params, rng: np.random.Generator) -> list[tuple[np.ndarray, LoadedClip, bool]]:
+    """One human/AI pair of a batch: (wave, clip, several talkers) for each of its two rows."""
     cfg, seg, sr = params.train, params.audio.segment_samples, params.audio.sample_rate
-    rows: list[tuple[np.ndarray, LoadedClip, bool]] = []
-    for _ in range(max(cfg.batch_size // 2, 1)):
-        if sampler.twins and rng.random() < cfg.twin_fraction:
-            human, twin = sampler.draw_pair()
-            x, start = voiced_crop(human, seg, rng)
-            y, _ = voiced_crop(twin, seg, rng, region=human.voiced, start=start)   # same words, same place
-            channel = draw_wave_params(cfg.augment, rng)                         # same channel for both
-            rows += [(apply_wave(x, sr, channel), human, False), (apply_wave(y, sr, channel), twin, False)]
-            continue
-        for label in (0, 1):
-            item = sampler.draw(label)
-            x, _ = voiced_crop(item, seg, rng)
-            several = item.clip.n_speakers > 1
-            if rng.random() < cfg.mixture_fraction and (other := sampler.partner(item)) is not None:
-                y, _ = voiced_crop(other, seg, rng)
-                gain = 10 ** (rng.uniform(-6, 6) / 20) * (np.std(x) + 1e-8) / (np.std(y) + 1e-8)
-                x, several = x + gain * y, True
-            rows.append((augment_wave(x, sr, cfg.augment, rng), item, several))
+    sampler.rng = rng
+    if sampler.twins and rng.random() < cfg.twin_fraction:
+        human, twin = sampler.draw_pair()
+        x, start = voiced_crop(human, seg, rng)
+        y, _ = voiced_crop(twin, seg, rng, region=human.voiced, start=start)   # same words, same place
+        channel = draw_wave_params(cfg.augment, rng)                         # same channel for both
+        return [(apply_wave(x, sr, channel), human, False), (apply_wave(y, sr, channel), twin, False)]
+    rows = []
+    for label in (0, 1):
+        item = sampler.draw(label)
+        x, _ = voiced_crop(item, seg, rng)
+        several = item.clip.n_speakers > 1
+        if rng.random() < cfg.mixture_fraction and (other := sampler.partner(item)) is not None:
+            y, _ = voiced_crop(other, seg, rng)
+            gain = 10 ** (rng.uniform(-6, 6) / 20) * (np.std(x) + 1e-8) / (np.std(y) + 1e-8)
+            x, several = x + gain * y, True
+        rows.append((augment_wave(x, sr, cfg.augment, rng), item, several))
+    return rows
+
+
+def _tensors(rows: list[tuple[np.ndarray, LoadedClip, bool]], languages: list[str]):
     waves = np.stack([w.astype(np.float32) for w, _, _ in rows])
     ai = [it.clip.label for _, it, _ in rows]
     lang = [languages.index(it.clip.language) if it.clip.language in languages else -100 for _, it, _ in rows]
     spk = [int(several or it.clip.n_speakers > 1) for _, it, several in rows]
     t = torch.tensor
     return torch.from_numpy(waves), t(ai), t(lang), t(spk)
+
+
+def make_batch(sampler: BalancedSampler, params: Params, languages: list[str], rng: np.random.Generator):
+    """(waves (B, seg), ai labels, language labels (-100 = unknown), speakers labels), all pairs from one rng."""
+    rows = [row for _ in range(max(params.train.batch_size // 2, 1)) for row in _pair_rows(sampler, params, rng)]
+    return _tensors(rows, languages)
+
+
+def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], step: int, rank: int = 0,
+               world: int = 1):
+    """This rank's share of step `step`'s global batch of train.batch_size rows: the pairs k with
+    k % world == rank, pair k drawn (clips, crops, augmentation, then its rows' SpecAugment) from its
+    own generator seeded (train.seed, step, k). So every process count draws the same global batch,
+    and N ranks train on the schedule of one. Returns make_batch's tensors and one generator per row."""
+    pairs = [k for k in range(max(params.train.batch_size // 2, 1)) if k % world == rank]
+    rows, rngs = [], []
+    for k in pairs:
+        rng = np.random.default_rng((params.train.seed, step, k))
+        got = _pair_rows(sampler, params, rng)
+        rows += got
+        rngs += [rng] * len(got)
+    return (*_tensors(rows, languages), rngs)
 
 
 def multitask_loss(out: dict[str, torch.Tensor], ai, lang, spk) -> torch.Tensor:
@@ -142,58 +168,79 @@ def validation_scores(model: Detector, items: list[LoadedClip], params: Params, 
     return scores
 
 
-def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector, list[dict]]:
-    """Train from scratch; return the best-on-validation-EER model and the per-epoch history."""
+def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector | None, list[dict]]:
+    """Train from scratch; return the best-on-validation-EER model and the per-epoch history.
+
+    Under torchrun (pipeline.training.distributed) every rank trains a DistributedDataParallel replica
+    on its share of each global batch (make_shard); rank 0 alone validates, decides early stopping for
+    all, and gets the model back; the other ranks get (None, [])."""
     cfg = params.train
+    rank, world = init_from_env()
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
+    device = local_device(pick_device(cfg.device))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     languages = sorted({it.clip.language for it in train} - {"unknown"}) or ["unknown"]
     model = new_model(languages, params.audio, params.features, params.model.base_width, params.model.dropout).to(device)
+    if rank:
+        torch.manual_seed(cfg.seed + 1000 * rank)   # dropout masks of its own (the weights are rank 0's)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         params = params.model_copy(update={"train": cfg.model_copy(update={"batch_size": cfg.gpu_batch_size})})
+    step_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile and device.type == "cuda":
+        step_model = torch.compile(step_model)
     front_end = FrontEnd(params.audio, params.features).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
-    sampler = BalancedSampler(train, rng)
+    sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
     val_labels = [it.clip.label for it in val]
     use_amp = cfg.amp and device.type == "cuda"
     best, best_eer, history, stale = None, float("inf"), [], 0
     started = time.monotonic()
-    epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True)
+    epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
         model.train()
-        losses = []
-        bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
-        for _ in bar:
-            waves, ai, lang, spk = (t.to(device) for t in make_batch(sampler, params, languages, rng))
-            feats = augment_spec(front_end(waves), cfg.augment, rng)  # (B, 1, bins, T)
+        losses, epoch_started = [], time.monotonic()
+        bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", when=rank == 0)
+        for i in bar:
+            step = (epoch - 1) * cfg.steps_per_epoch + i
+            *batch, rngs = make_shard(sampler, params, languages, step, rank, world)
+            waves, ai, lang, spk = (t.to(device) for t in batch)
+            feats = front_end(waves)
+            feats = torch.stack([augment_spec(f, cfg.augment, r) for f, r in zip(feats, rngs)])  # (B, 1, bins, T)
             if device.type == "cuda":
                 feats = feats.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = multitask_loss(model(feats), ai, lang, spk)
+                loss = multitask_loss(step_model(feats), ai, lang, spk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
-                        "wall_s": round(time.monotonic() - started, 1)})
-        log.info("epoch %d: train loss %.4f, validation EER %.4f", epoch, np.mean(losses), eer)
-        epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
-        if eer < best_eer:
-            best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("early stop: no better validation EER for %d epochs", stale)
-                break
+        stop, train_s = False, time.monotonic() - epoch_started
+        if rank == 0:
+            eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
+                            "wall_s": round(time.monotonic() - started, 1), "train_s": round(train_s, 2),
+                            "segments_per_s": round(cfg.steps_per_epoch * params.train.batch_size / train_s, 2),
+                            "processes": world})
+            log.info("epoch %d: train loss %.4f (rank 0 of %d), validation EER %.4f", epoch, np.mean(losses), world, eer)
+            epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
+            if eer < best_eer:
+                best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info("early stop: no better validation EER for %d epochs", stale)
+                    stop = True
+        if broadcast_flag(stop):
+            break
     epochs.close()
+    if rank:
+        return None, []
     model.load_state_dict(best)
     return model.to("cpu").eval(), history
 
@@ -245,6 +292,8 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     log.info("training on %d clips (%d of them vocoded twins), validating on %d (split by %s)", len(train), n_twins,
              len(val), split_by)
     model, history = train_model(train, val, params)
+    if model is None:   # a rank other than 0 under torchrun: rank 0 calibrates, saves and reports
+        return {}
     scores = validation_scores(model, val, params, "cpu")
     calibration = calibrate([s for s, it in zip(scores, val) if it.clip.label == 0], params.calibration,
                             {it.clip.source for it in val if it.clip.label == 0})
