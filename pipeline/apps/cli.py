@@ -25,6 +25,19 @@ def _cmd_detect(args, params) -> int:
     if not paths:
         log.error("no audio files found in %s", " ".join(map(str, args.paths)))
         return 1
+    if args.output is not None:   # resume: the files an earlier run wrote there are skipped
+        from pipeline.apps.detect_resume import OutputFileError, done_paths
+        try:
+            done = done_paths(args.output, args.format)
+        except (OutputFileError, OSError) as err:
+            log.error("%s", err)
+            return 2
+        if done:
+            before = len(paths)
+            paths = [p for p in paths if str(p) not in done]
+            log.warning("%s: %d file(s) already there, skipped; %d to score", args.output, before - len(paths), len(paths))
+        if not paths:
+            return 0
     workers = resolve_workers(params.detect.workers if args.workers is None else args.workers, len(paths))
     if args.device == "cuda":
         workers = 0   # the front end runs on the GPU beside the model
@@ -44,12 +57,18 @@ def _cmd_detect(args, params) -> int:
         scorer = Scorer(model, params.audio, args.device)
         log.info("scoring %d file(s) with %s (threshold %.3f; %d decoding worker(s))", len(paths), model_ref, threshold,
                  workers if scorer.device.type == "cpu" else 0)
-        results = write_results(detect_files(paths, scorer, params, threshold, model_name=str(model_ref),
-                                             pool=pool if scorer.device.type == "cpu" else None), args.format, sys.stdout)
+        results = detect_files(paths, scorer, params, threshold, model_name=str(model_ref),
+                               pool=pool if scorer.device.type == "cpu" else None)
+        if args.output is None:
+            failed = write_results(results, args.format, sys.stdout)
+        else:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not args.output.exists() or args.output.stat().st_size == 0
+            with args.output.open("a", encoding="utf-8", newline="") as out:
+                failed = write_results(results, args.format, out, header=fresh)
     finally:
         if pool is not None:
             pool.close()
-    failed = [r for r in results if r.error]
     for r in failed:
         log.error("%s: %s", r.path, r.error)
     return 1 if failed else 0
@@ -446,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=_workers_arg, help="processes decoding and computing features ahead of the model: auto or N "
                    "(0 = none; default: detect.workers)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="append results to FILE (json or csv), flushed per file; run again with the same FILE to "
+                   "resume: the files already in it are skipped")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("bootstrap", help="train a base model from scratch on a labelled corpus folder")

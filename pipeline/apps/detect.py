@@ -169,15 +169,18 @@ def hf_output(d: Detection) -> list[dict]:
     return sorted(scores, key=lambda s: -s["score"])
 
 
-def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[Detection]:
+def write_results(results: Iterable[Detection], fmt: str, out: TextIO, header: bool = True) -> list[Detection]:
     """Print results as they come (table, json lines, csv, or hf: one Hugging Face list per line, in
-    file order); return them."""
-    done = []
+    file order), flushed per file; `header`: the table's or csv's header line first (not when appending
+    to an earlier run's csv). Returns only the files that failed, so memory stays bounded however many
+    files are scored."""
+    failed = []
     writer = None
-    if fmt == "table":
+    if fmt == "table" and header:
         out.write(f"{'ai_score':>8}  {'label':<12}  {'language':<8}  {'speakers':<8}  path\n")
     for r in results:
-        done.append(r)
+        if r.error:
+            failed.append(Detection(path=r.path, error=r.error, model=r.model))
         if fmt == "json":
             out.write(json.dumps(asdict(r)) + "\n")
         elif fmt == "hf":
@@ -186,11 +189,12 @@ def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[D
             row = asdict(r) | {"windows": " ".join(map(str, r.windows)), "window_starts": " ".join(map(str, r.window_starts))}
             if writer is None:
                 writer = csv.DictWriter(out, fieldnames=list(row))
-                writer.writeheader()
+                if header:
+                    writer.writeheader()
             writer.writerow(row)
         elif r.error:
             out.write(f"{'-':>8}  {'ERROR':<12}  {'':<8}  {'':<8}  {r.path}: {r.error}\n")
         else:
             out.write(f"{r.ai_score:>8.3f}  {r.label:<12}  {r.language:<8}  {r.speakers:<8}  {r.path}\n")
         out.flush()
-    return done
+    return failed
