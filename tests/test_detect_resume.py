@@ -137,3 +137,21 @@ def batch_dir(tmp_path, speech_like):
     for i in range(3):
         sf.write(folder / f"{i}.wav", speech_like(2.0, 16000, seed=i), 16000)
     return folder
+
+
+def test_a_run_of_many_files_counts_files_without_reading_every_header_first(batch_dir, model_path, params_file,
+                                                                              capsys, monkeypatch):
+    import pipeline.apps.detect as detect
+
+    # given more files than the header pass allows (lowered to 2 here), bars forced on
+    monkeypatch.setattr(detect, "HEADER_SCAN_MAX_FILES", 2)
+    monkeypatch.setenv("AIVOICE_PROGRESS", "1")
+    read = []
+    real = detect._header_seconds
+    monkeypatch.setattr(detect, "_header_seconds", lambda p: read.append(p) or real(p))
+    # when they are scored
+    code = main(["--params", str(params_file), "detect", str(batch_dir), "--model", str(model_path), "--format", "json"])
+    err = capsys.readouterr().err
+    # then the bar counts files and no header was read before scoring
+    assert code == 0 and "/3 [" in err and "file/s" in err and "s audio" not in err, err[-400:]
+    assert read == [], "no header pass"
