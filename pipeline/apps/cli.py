@@ -15,7 +15,6 @@ _NO_COMPUTE = frozenset({"promote", "rollback", "models", "report", "export-cham
 
 
 def _cmd_detect(args, params) -> int:
-    from pipeline.io import registry
     from pipeline.core.audio import find_audio
     from pipeline.apps.detect import detect_files, write_results
     from pipeline.apps.decode_pool import DecodePool, resolve_workers
@@ -25,13 +24,25 @@ def _cmd_detect(args, params) -> int:
     if not paths:
         log.error("no audio files found in %s", " ".join(map(str, args.paths)))
         return 1
+    if args.output is not None:   # resume: the files an earlier run wrote there are skipped
+        from pipeline.apps.detect_resume import OutputFileError, done_paths
+        try:
+            done = done_paths(args.output, args.format)
+        except (OutputFileError, OSError) as err:
+            log.error("%s", err)
+            return 2
+        if done:
+            before = len(paths)
+            paths = [p for p in paths if str(p) not in done]
+            log.warning("%s: %d file(s) already there, skipped; %d to score", args.output, before - len(paths), len(paths))
+        if not paths:
+            return 0
     workers = resolve_workers(params.detect.workers if args.workers is None else args.workers, len(paths))
     if args.device == "cuda":
         workers = 0   # the front end runs on the GPU beside the model
     pool = DecodePool(workers) if workers else None   # started first: the workers import torch meanwhile
     try:
-        model, resolved = registry.load_model(args.model or params.detect.model, params, name=params.registry.model_name)
-        model_ref = _describe_model(resolved, params)
+        model, model_ref = _load_detector(args.model or params.detect.model, params)
         threshold = args.threshold if args.threshold is not None else model.meta.threshold
         mismatch = threshold_mismatch(model.meta, params) if args.threshold is None else None
         if mismatch:   # its false-positive rate was measured under other scoring settings
@@ -44,15 +55,33 @@ def _cmd_detect(args, params) -> int:
         scorer = Scorer(model, params.audio, args.device)
         log.info("scoring %d file(s) with %s (threshold %.3f; %d decoding worker(s))", len(paths), model_ref, threshold,
                  workers if scorer.device.type == "cpu" else 0)
-        results = write_results(detect_files(paths, scorer, params, threshold, model_name=str(model_ref),
-                                             pool=pool if scorer.device.type == "cpu" else None), args.format, sys.stdout)
+        results = detect_files(paths, scorer, params, threshold, model_name=str(model_ref),
+                               pool=pool if scorer.device.type == "cpu" else None)
+        if args.output is None:
+            failed = write_results(results, args.format, sys.stdout)
+        else:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not args.output.exists() or args.output.stat().st_size == 0
+            with args.output.open("a", encoding="utf-8", newline="") as out:
+                failed = write_results(results, args.format, out, header=fresh)
     finally:
         if pool is not None:
             pool.close()
-    failed = [r for r in results if r.error]
     for r in failed:
         log.error("%s: %s", r.path, r.error)
     return 1 if failed else 0
+
+
+def _load_detector(ref, params):
+    """(model, description) for `ref`; a checkpoint file is loaded without the registry, so `detect` with one
+    does not import mlflow (~2 s of start-up)."""
+    text = str(ref)
+    if not text.startswith(("models:/", "runs:/")) and not text.isdigit() and Path(text).is_file():
+        from pipeline.core.model import load_checkpoint   # what registry.resolve does with a file
+        return load_checkpoint(Path(text), params.audio), text
+    from pipeline.io import registry
+    model, resolved = registry.load_model(ref, params, name=params.registry.model_name)
+    return model, _describe_model(resolved, params)
 
 
 def _describe_model(resolved, params) -> str:
@@ -446,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=_workers_arg, help="processes decoding and computing features ahead of the model: auto or N "
                    "(0 = none; default: detect.workers)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="append results to FILE (json or csv), flushed per file; run again with the same FILE to "
+                   "resume: the files already in it are skipped")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("bootstrap", help="train a base model from scratch on a labelled corpus folder")
@@ -575,19 +607,26 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from pipeline.core.data import CorpusError
-    from pipeline.core.model import CheckpointError
-    from pipeline.io.registry import RegistryError
-    from pipeline.io.disk import DiskSpaceError
-
     try:
         params = load_params(args.params)
         if args.command not in _NO_COMPUTE:
             apply_threads(params)   # compute.threads, before any model is loaded
         return args.func(args, params)
-    except (ParamsError, CorpusError, CheckpointError, RegistryError, FileExistsError, DiskSpaceError) as err:
+    except _user_errors() as err:
         log.error("%s", err)
         return 2
+
+
+# errors a command reports in one line (exit 2), by module: looked up only in the modules the command
+# imported (one it never imported cannot have raised), so that start-up does not import them all (the
+# registry alone imports mlflow: ~2 s)
+_USER_ERRORS = {"pipeline.core.data": "CorpusError", "pipeline.core.model": "CheckpointError",
+                "pipeline.io.registry": "RegistryError", "pipeline.io.disk": "DiskSpaceError"}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (ParamsError, FileExistsError) + tuple(getattr(sys.modules[m], name) for m, name in _USER_ERRORS.items()
+                                                  if m in sys.modules)
 
 
 if __name__ == "__main__":

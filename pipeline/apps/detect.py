@@ -39,6 +39,7 @@ class Detection:
 
 
 LONG_RUN_FILES, LONG_RUN_S = 20, 60.0   # a progress bar from this many files, or seconds of audio
+HEADER_SCAN_MAX_FILES = 2000   # beyond, the bar counts files: reading every header first would delay the first result
 
 
 def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: float, model_name: str = "",
@@ -46,7 +47,8 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
     """Score each file (streamed, so hours-long files use bounded memory); errors are per file.
     `max_duration_s` refuses longer files (the service's cap; the CLI scores files of any length). A long
     run (many files, or a minute of audio or more) shows a progress bar in seconds of audio on stderr
-    (pipeline.progress: only on a terminal).
+    (pipeline.progress: only on a terminal), read from the headers first; past HEADER_SCAN_MAX_FILES
+    files it counts files instead, so a folder of 100 000 files starts scoring at once.
 
     On CPU the files' windows reach the model as features computed on CPU in chunks of
     `detect.batch_windows` per file (pipeline.apps.decode_pool), in the `pool`'s worker processes when
@@ -55,10 +57,14 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
     seg, hop = params.audio.segment_samples, round(params.detect.hop_s * sr)
     decoded = [0] * len(paths)   # samples per file at the model's rate: where each window starts
 
-    expected = [_header_seconds(p) for p in paths] if enabled() else [0.0] * len(paths)
-    long_run = len(paths) > LONG_RUN_FILES or sum(expected) >= LONG_RUN_S
-    bar = progress(total=round(sum(expected), 1), desc="detect", unit="s", when=long_run,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
+    by_files = enabled() and len(paths) > HEADER_SCAN_MAX_FILES   # no header pass before the first result
+    expected = [_header_seconds(p) for p in paths] if enabled() and not by_files else [0.0] * len(paths)
+    if by_files:
+        bar = progress(total=len(paths), desc="detect", unit="file")
+    else:
+        long_run = len(paths) > LONG_RUN_FILES or sum(expected) >= LONG_RUN_S
+        bar = progress(total=round(sum(expected), 1), desc="detect", unit="s", when=long_run,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
     if scorer.device.type == "cpu":
         streams = _feature_streams(paths, scorer, params, max_duration_s, pool, decoded, bar, expected)
     else:   # the front end runs on the GPU beside the model; no workers
@@ -66,6 +72,8 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
                                   seg, hop) for i, (p, s) in enumerate(zip(paths, expected)))
     results = score_streams(scorer, streams, params.detect, featurized=scorer.device.type == "cpu")
     for i, (path, res) in enumerate(zip(paths, results)):
+        if by_files:
+            bar.update(1)
         if isinstance(res, AudioError):
             yield Detection(path=str(path), error=res.reason, model=model_name)
         else:
@@ -169,15 +177,18 @@ def hf_output(d: Detection) -> list[dict]:
     return sorted(scores, key=lambda s: -s["score"])
 
 
-def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[Detection]:
+def write_results(results: Iterable[Detection], fmt: str, out: TextIO, header: bool = True) -> list[Detection]:
     """Print results as they come (table, json lines, csv, or hf: one Hugging Face list per line, in
-    file order); return them."""
-    done = []
+    file order), flushed per file; `header`: the table's or csv's header line first (not when appending
+    to an earlier run's csv). Returns only the files that failed, so memory stays bounded however many
+    files are scored."""
+    failed = []
     writer = None
-    if fmt == "table":
+    if fmt == "table" and header:
         out.write(f"{'ai_score':>8}  {'label':<12}  {'language':<8}  {'speakers':<8}  path\n")
     for r in results:
-        done.append(r)
+        if r.error:
+            failed.append(Detection(path=r.path, error=r.error, model=r.model))
         if fmt == "json":
             out.write(json.dumps(asdict(r)) + "\n")
         elif fmt == "hf":
@@ -186,11 +197,12 @@ def write_results(results: Iterable[Detection], fmt: str, out: TextIO) -> list[D
             row = asdict(r) | {"windows": " ".join(map(str, r.windows)), "window_starts": " ".join(map(str, r.window_starts))}
             if writer is None:
                 writer = csv.DictWriter(out, fieldnames=list(row))
-                writer.writeheader()
+                if header:
+                    writer.writeheader()
             writer.writerow(row)
         elif r.error:
             out.write(f"{'-':>8}  {'ERROR':<12}  {'':<8}  {'':<8}  {r.path}: {r.error}\n")
         else:
             out.write(f"{r.ai_score:>8.3f}  {r.label:<12}  {r.language:<8}  {r.speakers:<8}  {r.path}\n")
         out.flush()
-    return done
+    return failed
