@@ -88,7 +88,8 @@ def test_page_and_model_give_the_champion_its_promotion(champion_v1):
     assert 'id="timeline"' in page.text and "/static/page.js" in page.text, "the page's canvas and script"
     assert script.status_code == 200 and "/detect" in script.text, f"/static/page.js: {script.status_code}"
     assert model["promotion"]["action"] == "promote" and model["promotion"]["at"], f"/model: {model}"
-    assert model["limits"] == {"max_upload_mb": 50.0, "max_duration_s": 90.0, "max_concurrent": 4}, f"/model: {model}"
+    assert model["limits"] == {"max_upload_mb": 50.0, "max_duration_s": 90.0, "max_concurrent": 4,
+                               "request_timeout_s": 30.0}, f"/model: {model}"
 
 
 def test_oversized_uploads_get_413(champion_v1):
