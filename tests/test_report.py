@@ -39,7 +39,7 @@ def validated(tmp_path, monkeypatch, small_corpus, mlflow_store):
     store, quarantine = Path(params.ingest.store), Path(params.ingest.quarantine)
     ingest(from_corpus(small_corpus.root), store, quarantine, params.audio, params.ingest)
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:2]
-    ingest([(p, ClipInfo(label="ai", generator="piper-joe")) for p in new], store, quarantine, params.audio, params.ingest)
+    ingest([(p, ClipInfo(label="ai", generator="piper-joe", split="train")) for p in new], store, quarantine, params.audio, params.ingest)
     augment_stage.run(params)
     torch.manual_seed(0)
     base = new_model(["en"], params.audio, params.features, 8, 0.0)

@@ -128,7 +128,7 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
                                       "checkpoint": Path(ckpt_path).name, CHECKPOINT_SHA_TAG: sha}
     if meta.threshold_scoring:   # the scoring settings the threshold holds under (core.scoring.scoring_settings)
-        version_tags["threshold_scoring"] = json.dumps(meta.threshold_scoring, sort_keys=True)
+        version_tags["threshold_scoring"] = ",".join(f"{k}={v}" for k, v in sorted(meta.threshold_scoring.items()))
     if base_version is None and not base and (gates_passed is not None or status):
         base_version = aliases(name).get(CHAMPION)
     if base_version is not None and not base:
@@ -502,7 +502,9 @@ def _remote_lock(client: MlflowClient, timeout_s: float) -> Iterator[None]:
                                            description="held while a promotion or rollback moves aliases (aivoice)")
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: held. DOES_NOT_EXIST: it was held while the server checked and released before it
+            # answered (the server re-reads the model to report the clash): retry either way
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_expired_lock(client)
         if time.monotonic() > deadline:
