@@ -40,7 +40,8 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, ok=lamb
     pytest.fail(f"{url} not ready after {timeout_s} s: {log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
     proc.terminate()
     try:
         proc.wait(timeout=15)
@@ -64,7 +65,7 @@ def mlflow_server(folder: Path, hook_url: str, secret: str) -> Iterator[str]:
         _wait(f"{uri}/health", proc, log, 90)
         yield uri
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -85,7 +86,7 @@ def aivoice_serve(folder: Path, tracking_uri: str, secret: str, port: int, *, ui
         _wait(f"http://127.0.0.1:{port}/health", proc, log, 120)
         yield log
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def move_alias_like_the_ui(tracking_uri: str, name: str, alias: str, version: int | None) -> None:

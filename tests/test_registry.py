@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from guard_stack import stop_process
 from pipeline.io import registry, tracking
 from pipeline.config import load_params, params_hash
 from pipeline.core.model import load_checkpoint
@@ -511,12 +512,7 @@ def mlflow_server(tmp_path, monkeypatch):
         monkeypatch.setenv("AIVOICE_CACHE_DIR", str(tmp_path / "cache"))
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log_file.close()
         mlflow.set_tracking_uri(None)
 

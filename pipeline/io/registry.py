@@ -61,6 +61,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 from pipeline import atomic
 from pipeline.io import tracking
 from pipeline.config import Params, RegistryConfig
+from pipeline.core.data import file_sha256
 from pipeline.core.model import Detector, load_checkpoint
 from pipeline.faults import fault_point
 
@@ -124,7 +125,7 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     lineage = tracking.lineage_tags(params_hash=meta.params_hash, data_hash=meta.data_hash)
     given = {k: str(v) for k, v in (tags or {}).items()}  # may override lineage, never the validation status
     validation = (status or _STATUS[gates_passed]).replace(" ", "-")
-    sha = _file_sha256(Path(ckpt_path))
+    sha = file_sha256(Path(ckpt_path))
     version_tags = lineage | given | {"validation_status": validation, "threshold": str(meta.threshold),
                                       "checkpoint": Path(ckpt_path).name, CHECKPOINT_SHA_TAG: sha}
     if meta.threshold_scoring:   # the scoring settings the threshold holds under (core.scoring.scoring_settings)
@@ -274,14 +275,6 @@ def _version_with_checkpoint(client: MlflowClient, name: str, sha: str) -> int |
     return min(same) if same else None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def count_versions(tag: str, value: str, name: str = DEFAULT_NAME, exclude_checkpoint: str | Path | None = None) -> int:
     """How many versions of `name` carry tag=value (e.g. candidates judged on the same gate data), not
     counting one registered from `exclude_checkpoint`'s bytes (the candidate itself, after a kill)."""
@@ -292,7 +285,7 @@ def count_versions(tag: str, value: str, name: str = DEFAULT_NAME, exclude_check
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return 0
         raise
-    skip = _file_sha256(Path(exclude_checkpoint)) if exclude_checkpoint else None
+    skip = file_sha256(Path(exclude_checkpoint)) if exclude_checkpoint else None
     return sum(1 for mv in found if mv.tags.get(tag) == value and (skip is None or mv.tags.get(CHECKPOINT_SHA_TAG) != skip))
 
 
