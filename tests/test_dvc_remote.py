@@ -118,3 +118,32 @@ def test_remote_add_outside_a_dvc_project_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.apps.cli", "remote", "add", "origin", str(tmp_path / "r")],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "not a DVC project" in proc.stderr, proc.stderr
+
+
+def test_a_clone_that_pulls_reproduces_the_same_candidate(tmp_path, small_corpus, mlflow_store, tiny_checkpoint):
+    from pipeline.io import registry
+
+    # given a project that ran the stages up to finetune against the team's registry (a shared store), pushed
+    project = make_project(tmp_path / "project", small_corpus, gates=RELAXED_GATES)
+    registry.register(tiny_checkpoint(seed=1), base=True)
+    _aivoice(["export-champion"], project)
+    _run([sys.executable, "-m", "dvc", "repro", "finetune"], project)
+    _aivoice(["remote", "add", "origin", str(tmp_path / "remote")], project)
+    _aivoice(["remote", "push"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "finetune"], project)
+    candidate = hashlib.sha256((project / "models" / "candidate.pt").read_bytes()).hexdigest()
+    # when a clone on another path pulls, exports the same champion and runs the finetune stage again
+    clone = tmp_path / "elsewhere" / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    _aivoice(["remote", "pull"], clone)
+    _aivoice(["export-champion"], clone)
+    (clone / "models" / "candidate.pt").unlink()
+    _run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "finetune"], clone)
+    # then the stage saw the same inputs (store, twins, augmented copies, champion, code, params: dvc.lock's
+    # deps), and the candidate it trained is the same bytes under the same hash
+    assert hashlib.sha256((clone / "models" / "candidate.pt").read_bytes()).hexdigest() == candidate
+    lock = lambda root: yaml.safe_load((root / "dvc.lock").read_text())["stages"]["finetune"]
+    assert lock(clone)["deps"] == lock(project)["deps"] and lock(clone)["params"] == lock(project)["params"]
+    model_out = lambda root: [o for o in lock(root)["outs"] if o["path"] == "models/candidate.pt"]
+    assert model_out(clone) == model_out(project) and model_out(clone)[0]["md5"], "the report holds timings; the model not"

@@ -42,6 +42,14 @@ def test_checkpoint_round_trip_and_never_overwrites(params, tmp_path):
         save_checkpoint(model, path)
 
 
+def test_the_same_model_saved_twice_has_the_same_bytes(params, tmp_path):
+    # (a clone that re-trains the same candidate must see the same sha256: the registry and dvc.lock key on it)
+    model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)
+    a = save_checkpoint(model, tmp_path / "a" / "candidate.pt", threshold=0.4)
+    b = save_checkpoint(model, tmp_path / "b" / "other-name.pt", threshold=0.4)
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_checkpoint_scores_with_its_own_front_end(params, tmp_path):
     # given: a model trained with 80 mel bins, and params that now ask new models for 64 and a linear front end
     model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)

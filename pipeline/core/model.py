@@ -11,6 +11,7 @@ Its probability and the linear `ai` head's are combined by taking the larger, an
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,8 +178,17 @@ def save_checkpoint(model: Detector, path: str | Path, **meta_updates) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = asdict(model.meta) | meta_updates
     meta["languages"] = list(meta["languages"])
+    return write_torch({"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "meta": meta}, path)
+
+
+def write_torch(obj: dict, path: Path) -> Path:
+    """torch.save `obj` to `path` atomically, with bytes that depend on the content only. (torch.save to a
+    file names the archive's records after that file - here a random temporary name - so the same weights
+    would hash differently on every write; a clone re-training the same candidate must get the same sha256.)"""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic.atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "meta": meta}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return path
 
 

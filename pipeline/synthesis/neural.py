@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from pipeline import atomic
+from pipeline.core.model import write_torch
 from pipeline.core.audio import resample
 from pipeline.synthesis.vocoders import fit, match_level
 
@@ -218,10 +218,8 @@ def train_decoder(waves: list[np.ndarray], cfg: DecoderTraining) -> tuple[nn.Mod
 
 
 def save_decoder(model: nn.Module, cfg: DecoderTraining, report: dict, path: Path) -> Path:
-    with atomic.atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "report": report,
-                    "state_dict": model.state_dict()}, tmp)
-    return path
+    return write_torch({"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "report": report,
+                        "state_dict": model.state_dict()}, path)
 
 
 def read_decoder_config(path: Path) -> dict:
