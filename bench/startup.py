@@ -47,14 +47,18 @@ def main(argv: list[str] | None = None) -> int:
                                      params.model.dropout), tmp / "m.pt", threshold=0.5)
     clip = tmp / "clip.wav"
     sf.write(clip, make_clip(2.0, 16000), 16000)
-    pfile = tmp / "params.yaml"
-    pfile.write_text((REPO / "params.yaml").read_text().replace("threads: auto", "threads: 1"))
+    pfiles = {}   # each code with its own params.yaml (older code refuses keys it does not know)
+    for code, root in (("head", REPO), ("base", args.baseline)):
+        if root is not None:
+            pfiles[code] = tmp / f"params_{code}.yaml"
+            pfiles[code].write_text((root / "params.yaml").read_text().replace("threads: auto", "threads: 1"))
     env = os.environ | {"AIVOICE_PROGRESS": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "AIVOICE_ARTIFACT_ROOT": str(tmp / "art"),
                         "AIVOICE_CACHE_DIR": str(tmp / "cache")}
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "AIVOICE_ARTIFACT_ROOT", "AIVOICE_CACHE_DIR")})
     from pipeline.io import registry
     registry.register(ckpt, base=True, experiment="startup")   # the first base version becomes champion
+    registry.resolve("champion")   # downloaded once (the first detect after a promotion does this), then cached
 
     # the model's own time: load the checkpoint and score the clip (warm, in this process)
     model_s = []
@@ -67,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     model_time = min(model_s)
 
     commands = {"--help": ["--help"],
-                "detect FILE.pt": ["--params", str(pfile), "detect", str(clip), "--model", str(ckpt), "--workers", "0"],
-                "detect champion": ["--params", str(pfile), "detect", str(clip), "--model", "champion", "--workers", "0"]}
+                "detect FILE.pt": ["--params", "{params}", "detect", str(clip), "--model", str(ckpt), "--workers", "0"],
+                "detect champion": ["--params", "{params}", "detect", str(clip), "--model", "champion", "--workers", "0"]}
     codes = ["base", "head"] if args.baseline else ["head"]
     walls: dict[tuple[str, str], list[float]] = {}
     loads = []
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 root = args.baseline if code == "base" else REPO
                 loads.append(os.getloadavg()[0])
                 t = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "pipeline.apps.cli", *cmd], capture_output=True, text=True,
+                argv = [str(pfiles[code]) if a == "{params}" else a for a in cmd]
+                proc = subprocess.run([sys.executable, "-m", "pipeline.apps.cli", *argv], capture_output=True, text=True,
                                       env=env | {"PYTHONPATH": str(root)}, cwd=root)
                 wall = time.perf_counter() - t
                 if proc.returncode != 0:
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         result["imports"] = {}
         for code in codes:
             root = args.baseline if code == "base" else REPO
-            proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.apps.cli", *commands["detect champion"]],
+            argv = [str(pfiles[code]) if a == "{params}" else a for a in commands["detect champion"]]
+            proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.apps.cli", *argv],
                                   capture_output=True, text=True, env=env | {"PYTHONPATH": str(root)}, cwd=root)
             top = {}
             for line in proc.stderr.splitlines():

@@ -319,6 +319,9 @@ class StorageConfig(Section):
                                "with less free disk where they write (0 = no check)")
     keep_candidates: int = Field(5, ge=0, description="`aivoice gc` keeps the local checkpoint copies of this many "
                                  "newest versions without an alias (aliased versions are always kept)")
+    archive_dir: str | None = Field("archive", description="`aivoice gc` moves the MLflow artifacts of refused "
+                                    "candidates beyond keep_candidates into checked tarballs here (`aivoice restore "
+                                    "VERSION` puts them back); null leaves them in MLflow")
 
 
 class RegistryConfig(Section):

@@ -57,3 +57,26 @@ def test_cli_registry_round_trip(mlflow_store, tiny_checkpoint, params_file, cli
     assert main(["--params", str(params_file), "models"]) == 0
     out = capsys.readouterr().out
     assert "[forced]" in out and "hotfix approved" in out and "rollback" in out, out
+
+
+def test_cli_gc_archives_a_refused_candidate_and_restore_brings_it_back(mlflow_store, tiny_checkpoint, clip, capsys,
+                                                                        caplog, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  base_width: 8\nstorage:\n  keep_candidates: 0\n")
+    # given a champion and a refused candidate
+    registry.register(tiny_checkpoint(seed=1), base=True)
+    registry.register(tiny_checkpoint(seed=2), gates_passed=False, tags={"failed_gates": "human_fpr"})
+    # when `aivoice gc` runs with the project's storage settings
+    assert main(["--params", str(params), "gc", "--no-dvc"]) == 0
+    out = capsys.readouterr().out
+    # then it says what it archived, `aivoice models` shows where, and scoring with v2 says how to get it back
+    assert "archived  v2 (refused candidate)" in out and "archive/ai-voice-detector-v2.tar.gz" in out, out
+    assert main(["--params", str(params), "models"]) == 0
+    assert "archived: " in capsys.readouterr().out
+    assert main(["--params", str(params), "detect", str(clip), "--model", "2"]) == 2
+    assert "aivoice restore 2" in caplog.text
+    # and after `aivoice restore 2` it scores again
+    assert main(["--params", str(params), "restore", "2"]) == 0
+    assert "restored ai-voice-detector v2" in capsys.readouterr().out
+    assert _detect(capsys, params, clip, "--model", "2")["model"].startswith("ai-voice-detector v2")

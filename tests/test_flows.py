@@ -453,4 +453,6 @@ def test_gc_flow_keeps_aliased_and_newest_copies_and_reports_what_it_freed(tmp_p
     assert left == [f"v{v1}", f"v{v3}"] and len(result["removed"]) == 1 and result["freed_bytes"] > 0, result
     assert [v["version"] for v in registry.list_versions(MODEL)] == [v1, v2, v3] or \
         sorted(v["version"] for v in registry.list_versions(MODEL)) == [v1, v2, v3], "no version is deleted"
+    assert [a["version"] for a in result["archived"]] == [v2], "the refused v2 beyond keep is archived"
+    assert (tmp_path / "archive" / f"{MODEL}-v{v2}.tar.gz").is_file()
     assert "gc-report" in artifacts(state.state_details.flow_run_id), "what was freed is a Prefect artifact"

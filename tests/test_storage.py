@@ -119,3 +119,63 @@ def test_gc_runs_dvc_gc_on_the_workspace(tmp_path, monkeypatch, mlflow_store):
     assert result["dvc"]["ran"] and result["dvc"]["freed_bytes"] >= 200_000, result
     assert (repo / "data.bin").stat().st_size == 100_000
     assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=repo, env=env).returncode == 0
+
+
+def test_gc_archives_refused_candidates_and_restore_puts_them_back(mlflow_store, tiny_checkpoint, tmp_path):
+    import hashlib
+    import tarfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.io import registry
+    from pipeline.io.archive import ArchiveError, restore_version
+    from pipeline.io.retention import collect_garbage
+
+    # given v1 base champion, v2 and v3 refused (v2's run holds its verdict), v4 challenger
+    assert registry.register(tiny_checkpoint(seed=1), name="m", base=True) == 1
+    with mlflow.start_run() as run:
+        mlflow.log_text('{"status": "failed"}', "verdict.json")
+    v2_ckpt = tiny_checkpoint(seed=2)
+    assert registry.register(v2_ckpt, run_id=run.info.run_id, name="m", gates_passed=False) == 2
+    registry.register(tiny_checkpoint(seed=3), name="m", status="insufficient evidence")
+    assert registry.register(tiny_checkpoint(seed=4), name="m", gates_passed=True) == 4
+    client = MlflowClient()
+    model_id = client.get_model_version("m", "2").source.removeprefix("models:/")
+    model_dir = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    assert model_dir.is_dir()
+    # when gc keeps one unaliased version and archives the refused ones beyond it
+    result = collect_garbage("m", keep=1, repo=None, archive_dir=tmp_path / "archive")
+    # then only v2 is archived: one tarball holding its model (the checkpoint's bytes) and its run's verdict
+    assert [a["version"] for a in result["archived"]] == [2], result
+    tarball = tmp_path / "archive" / "m-v2.tar.gz"
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+        ckpt = next(n for n in names if n.startswith("model/") and n.endswith(".pt"))
+        assert hashlib.sha256(tar.extractfile(ckpt).read()).hexdigest() == hashlib.sha256(v2_ckpt.read_bytes()).hexdigest()
+        assert "run/verdict.json" in names and "ARCHIVE.json" in names, names
+    # and its MLflow artifacts are gone, the version and its tags stay, loading and promoting say why not
+    assert not model_dir.exists() and client.list_artifacts(run.info.run_id) == []
+    assert [v["version"] for v in registry.list_versions("m")] == [1, 2, 3, 4]
+    assert registry.list_versions("m")[1]["archived"] == str(tarball)
+    with pytest.raises(registry.RegistryError, match=r"archived to .*m-v2.tar.gz.*aivoice restore 2"):
+        registry.resolve(2, "m")
+    with pytest.raises(registry.RegistryError, match="archived"):
+        registry.promote(2, reason="try", force=True, name="m")
+    assert registry.resolve(3, "m").checkpoint_path.is_file() and registry.resolve(4, "m").checkpoint_path.is_file()
+    # and a second gc archives nothing more
+    assert collect_garbage("m", keep=1, repo=None, archive_dir=tmp_path / "archive")["archived"] == []
+
+    # when the tarball was damaged, restore refuses and changes nothing
+    good = tarball.read_bytes()
+    tarball.write_bytes(good[:-100])
+    with pytest.raises(ArchiveError, match="sha256"):
+        restore_version("m", 2)
+    assert registry.list_versions("m")[1]["archived"]
+    # when it is intact again, restore puts both back and the version loads the same bytes
+    tarball.write_bytes(good)
+    restore_version("m", 2)
+    assert registry.list_versions("m")[1]["archived"] is None
+    got = registry.resolve(2, "m").checkpoint_path
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == client.get_model_version("m", "2").tags["checkpoint_sha256"]
+    assert client.download_artifacts(run.info.run_id, "verdict.json", str(tmp_path / "dl"))

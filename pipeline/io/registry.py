@@ -60,6 +60,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from pipeline import atomic
 from pipeline.io import tracking
+from pipeline.io.archive import ARCHIVED_TAG
+from pipeline.io.local_registry import version_cache_folder
 from pipeline.config import Params, RegistryConfig
 from pipeline.core.data import file_sha256
 from pipeline.core.model import Detector, load_checkpoint
@@ -186,6 +188,7 @@ def promote(version: int | str | None = None, *, reason: str, force: bool = Fals
         if pending is not None and pending["version"] == version:
             return _public(pending)       # this very move was interrupted: completed above
         tags = _version(client, name, version).tags
+        _refuse_archived(name, _version(client, name, version))
         champion = current.get(CHAMPION)
         if champion == version:
             raise PromotionError(f"{name} v{version} is already {CHAMPION}")
@@ -587,7 +590,7 @@ def _describe(mv: ModelVersion, version_aliases: list[str]) -> dict:
         "threshold": float(tags["threshold"]) if "threshold" in tags else None,
         "metrics": {k: float(tags[k]) for k in METRIC_TAGS if k in tags},
         "lineage": {"git_commit": tracking.git_commit(tags)} | {k: tags.get(k, "") for k in ("git_dirty", "data_hash", "params_hash")},
-        "promotion": promotion, "description": mv.description or "",
+        "promotion": promotion, "description": mv.description or "", "archived": tags.get(ARCHIVED_TAG),
     }
 
 
@@ -604,6 +607,12 @@ def _version(client: MlflowClient, name: str, selector: int | str) -> ModelVersi
         raise
 
 
+def _refuse_archived(name: str, mv: ModelVersion) -> None:
+    if mv.tags.get(ARCHIVED_TAG):
+        raise RegistryError(f"{name} v{mv.version}: its artifacts were archived to {mv.tags[ARCHIVED_TAG]} by `aivoice "
+                            f"gc`; `aivoice restore {mv.version}` puts them back")
+
+
 def _parse_models_uri(uri: str) -> tuple[str, int | str]:
     """models:/<name>@<alias> or models:/<name>/<version> -> (name, alias or version)."""
     body = uri.removeprefix("models:/").strip("/")
@@ -618,10 +627,11 @@ def _parse_models_uri(uri: str) -> tuple[str, int | str]:
 
 def _cached_version_checkpoint(client: MlflowClient, name: str, mv: ModelVersion) -> Path:
     """The version's checkpoint, downloaded once into <cache>/<name>/v<version>-<key>/ (versions are immutable)."""
-    key = hashlib.sha256(f"{client.tracking_uri}|{mv.source}".encode()).hexdigest()[:12]
+    _refuse_archived(name, mv)
+    folder = version_cache_folder(client.tracking_uri, name, int(mv.version), mv.source)
     ckpt = mv.tags.get("checkpoint")
     uri = f"models:/{name}/{mv.version}" + (f"/artifacts/{ckpt}" if ckpt else "")
-    return _cached_download(client, uri, Path(name) / f"v{mv.version}-{key}")
+    return _cached_download(client, uri, folder.relative_to(tracking.cache_dir(client.tracking_uri)))
 
 
 def _cached_run_checkpoint(client: MlflowClient, uri: str) -> Path:

@@ -1,11 +1,12 @@
 """Retention (`aivoice gc`).
 
 Every candidate is stored up to four times (MLflow artifact, the local checkpoint cache, the DVC cache,
-models/production.pt). Registry versions and their MLflow artifacts are never deleted (a version is the
-record of what was judged and served). What goes: the cached checkpoint downloads of versions that hold
-no alias and are not among the `keep` newest of those, and, with a DVC repository, DVC cache objects the
-workspace no longer uses (`dvc gc -w -f`: an older data or model version then needs `dvc pull` from a
-remote, or is gone if it was never pushed).
+models/production.pt). Registry versions are never deleted (a version is the record of what was judged and
+served). What goes: the cached checkpoint downloads of versions that hold no alias and are not among the
+`keep` newest of those; the MLflow artifacts of the refused candidates among them, moved into a checked
+tarball under `archive_dir` (pipeline/io/archive.py; `aivoice restore` puts them back); and, with a DVC
+repository, DVC cache objects the workspace no longer uses (`dvc gc -w -f`: an older data or model version
+then needs `dvc pull` from a remote, or is gone if it was never pushed).
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import sys
 from pathlib import Path
 
 from pipeline.io import registry, tracking
+from pipeline.io.archive import ARCHIVED_TAG, archivable, archive_version
 from pipeline.io.disk import folder_bytes
 
 
-def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run: bool = False) -> dict:
-    """Remove the local copies retention allows (see the module docstring); returns what was kept and freed."""
+def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run: bool = False,
+                    archive_dir: str | Path | None = None) -> dict:
+    """Remove the local copies retention allows and, with `archive_dir`, archive the refused candidates
+    beyond the `keep` newest (see the module docstring); returns what was kept, archived and freed."""
     client = tracking.configure()
     versions = registry.list_versions(name)
     aliased = {v["version"] for v in versions if v["aliases"]}
@@ -35,8 +39,15 @@ def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run
                 shutil.rmtree(folder)
             removed.append(str(folder))
             freed += size
+    archived = []
+    if archive_dir:
+        for v in sorted(versions, key=lambda v: v["version"]):
+            mv = registry.model_version(v["version"], name)
+            if v["version"] not in kept and not mv.tags.get(ARCHIVED_TAG) and archivable(mv.tags, v["aliases"]):
+                archived.append({"version": v["version"], "archive": None} if dry_run
+                                else archive_version(name, v["version"], archive_dir))
     result = {"versions": len(versions), "kept": sorted(kept), "removed": removed, "cache_freed_bytes": freed,
-              "dvc": None}
+              "archived": archived, "dvc": None}
     if repo is not None and (Path(repo) / ".dvc").is_dir():
         result["dvc"] = _dvc_gc(Path(repo), dry_run)
     return result

@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,12 +36,12 @@ from pydantic import BaseModel
 from pipeline.atomic import pid_alive
 from pipeline.config import AudioConfig, FeatureConfig, Params, params_hash
 from pipeline.core.model import ModelMeta, load_checkpoint
+from pipeline.io.local_registry import DEFAULT_STORE_DIR, cache_dir, default_uri  # noqa: F401 (re-exported)
+from pipeline.io.local_registry import sqlite_path as _sqlite_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE_DIR = Path("mlruns")
 ARTIFACT_ROOT_ENV = "AIVOICE_ARTIFACT_ROOT"
-CACHE_DIR_ENV = "AIVOICE_CACHE_DIR"
 CHECKPOINT_ARTIFACT = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # models-from-code: MLflow runs it on load
 _PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "soxr", "pandas", "pydantic", "pyyaml", "tqdm", "mlflow")
@@ -50,7 +49,7 @@ _PYFUNC_REQUIREMENTS = ("torch", "torchaudio", "numpy", "soundfile", "soxr", "pa
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the local `sqlite:///<abs>/mlruns/mlflow.db`; a new sqlite store is created here."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+    uri = default_uri()
     db = _sqlite_path(uri)
     if db is not None and not db.exists():
         _create_sqlite_store(uri, db)
@@ -74,14 +73,6 @@ def artifact_root(uri: str) -> Path | None:
     return Path(env).resolve() if env else db.parent / "artifacts"
 
 
-def cache_dir(uri: str) -> Path:
-    """Cache for downloaded checkpoints: $AIVOICE_CACHE_DIR, else `.cache/` beside a sqlite store, else a temp folder."""
-    if env := os.environ.get(CACHE_DIR_ENV):
-        return Path(env).resolve()
-    db = _sqlite_path(uri)
-    return db.parent / ".cache" if db is not None else Path(tempfile.gettempdir()) / "aivoice-model-cache"
-
-
 def experiment_id(client: MlflowClient, name: str) -> str:
     """Id of experiment `name`, created (with its artifacts under the store's artifact root) when missing."""
     found = client.get_experiment_by_name(name)
@@ -95,10 +86,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
 
 
 def _create_sqlite_store(uri: str, db: Path) -> None:

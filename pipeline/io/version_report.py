@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.io import tracking
+from pipeline.io.archive import ARCHIVED_TAG
 from pipeline.io.registry import DEFAULT_NAME, RegistryError, model_version
 from pipeline.training.report import build_report
 
@@ -50,8 +51,11 @@ def collect(version: int, name: str = DEFAULT_NAME, into: Path | None = None) ->
     found = {a.path for a in client.list_artifacts(run_id)} if run_id else set()
     missing = [a for a in INPUTS.values() if a not in found]
     if missing:
+        archived = model_version(int(version), name).tags.get(ARCHIVED_TAG)
         what = "a base model (bootstrap or import-checkpoint) is not judged by validate" \
-            if lin["source"] in ("bootstrap", "import") else "validate logs them"
+            if lin["source"] in ("bootstrap", "import") else \
+            f"archived to {archived} by `aivoice gc`; `aivoice restore {version}` puts them back" if archived else \
+            "validate logs them"
         raise RegistryError(f"{name} v{version}: its run {run_id} has no {', '.join(missing)} ({what})")
     with tempfile.TemporaryDirectory() as tmp:
         data = {}
