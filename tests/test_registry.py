@@ -546,3 +546,26 @@ def test_register_promote_rollback_resolve_through_a_real_server(mlflow_server, 
     assert [e["action"] for e in registry.history()] == ["promote", "promote", "rollback"], f"{registry.history()}"
     resolved = registry.resolve(f"models:/{registry.DEFAULT_NAME}@{CHAMPION}")
     assert resolved.version == v1 and resolved.checkpoint_path.read_bytes() == ckpt1.read_bytes(), f"{resolved}"
+
+
+@pytest.mark.integration
+def test_gc_archives_and_restores_through_a_real_server(mlflow_server, tiny_checkpoint, tmp_path):
+    from pipeline.io.archive import restore_version
+    from pipeline.io.retention import collect_garbage
+
+    # given a champion and a refused candidate whose artifacts sit in the server's proxied artifact store
+    registry.register(tiny_checkpoint(seed=1), base=True)
+    refused = tiny_checkpoint(seed=2)
+    v2 = registry.register(refused, gates_passed=False)
+    before = sorted(p.name for p in (tmp_path / "server-artifacts").rglob("*.pt"))
+    assert len(before) == 2
+    # when gc archives it (nothing newer to keep)
+    result = collect_garbage(registry.DEFAULT_NAME, keep=0, repo=None, archive_dir=tmp_path / "archive")
+    # then the tarball holds it, the server's store no longer does, and resolving says how to restore
+    assert [a["version"] for a in result["archived"]] == [v2]
+    assert len(sorted((tmp_path / "server-artifacts").rglob("*.pt"))) == 1, "its checkpoint left the server"
+    with pytest.raises(registry.RegistryError, match=f"aivoice restore {v2}"):
+        registry.resolve(v2)
+    # and restore uploads it back through the server: the same bytes resolve again
+    restore_version(registry.DEFAULT_NAME, v2)
+    assert registry.resolve(v2).checkpoint_path.read_bytes() == refused.read_bytes()
