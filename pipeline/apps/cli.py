@@ -53,7 +53,7 @@ def _cmd_detect(args, params) -> int:
                 return 2
             log.warning("%s: threshold %.3f was calibrated with other scoring settings (%s); --force: using it anyway",
                         model_ref, threshold, mismatch)
-        scorer = Scorer(model, params.audio, args.device)
+        scorer = Scorer(model, params.audio, args.device, channels_last=True)
         log.info("scoring %d file(s) with %s (threshold %.3f; %d decoding worker(s))", len(paths), model_ref, threshold,
                  workers if scorer.device.type == "cpu" else 0)
         results = detect_files(paths, scorer, params, threshold, model_name=str(model_ref),

@@ -69,7 +69,7 @@ class Champion:
             if version is None or (self.current is not None and self.current.resolved.version == version):
                 return False
             model, resolved = registry.load_model(version, self.params, name=self.model_name)  # by number: no race
-            scorer = Scorer(model, self.params.audio, self.device)
+            scorer = Scorer(model, self.params.audio, self.device, channels_last=True)
             promotion = registry.describe_version(version, self.model_name)["promotion"]
             mismatch = threshold_mismatch(model.meta, self.params)
             self.current = Served(scorer, replace(resolved, alias=registry.CHAMPION), model.meta.threshold,

@@ -209,7 +209,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         model = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.params = params_from_meta(model.meta)
         self.threshold = model.meta.threshold
-        self.scorer = Scorer(model, self.params.audio, "cpu")
+        self.scorer = Scorer(model, self.params.audio, "cpu", channels_last=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from pipeline.apps.detect import AI_GENERATED, HUMAN, detect_files
