@@ -181,6 +181,20 @@ def test_nan_and_inf_samples(bad, tmp_path, speech_like):
     assert 1.5 - _READ_FRAMES / SR - 0.01 <= near <= 1.5, f"position {near} s is at or just before 1.5 s"
 
 
+def test_absurdly_large_float_samples_are_refused_not_resampled_into_nan(tmp_path, speech_like):
+    # given: a FLOAT wav with finite samples near float32's maximum (found by the fuzz: at another rate the
+    # resampler's sums overflowed, and NaN/inf windows reached the model)
+    x = speech_like(2.0, SR, seed=3)
+    x[int(0.5 * SR):int(0.5 * SR) + 50] = 3e38
+    path = _write(tmp_path / "huge.wav", x, SR, "wav-float")
+    err = _audio_error(path)
+    assert re.fullmatch(r"sample magnitude 3e\+38 near [0-9.]+ s \(float audio is within \+-1; over 10000 it is not audio\)",
+                        err.reason), err.reason
+    # while a float clip that peaks a little over 1.0 (headroom) still decodes
+    x[int(0.5 * SR):int(0.5 * SR) + 50] = 1.5
+    assert np.isfinite(load_audio(_write(tmp_path / "hot.wav", x, SR, "wav-float"), CFG)).all()
+
+
 def test_one_sample_clip(tmp_path):
     path = _write(tmp_path / "one.wav", np.array([0.5], np.float32), SR)
     err = _audio_error(path)

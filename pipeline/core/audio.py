@@ -74,6 +74,9 @@ def audio_info(path: str | Path) -> sf._SoundFileInfo:
         raise AudioError(path, f"not a readable audio file ({_short(exc)})") from None
 
 
+MAX_SAMPLE = 1e4   # largest |sample| accepted: float WAV/AIFF may exceed 1.0 a little, never by orders of magnitude
+
+
 def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | None = None) -> Iterator[np.ndarray]:
     """Yield mono float32 blocks at cfg.sample_rate; raise AudioError for unusable input.
 
@@ -116,7 +119,11 @@ def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | Non
                 mono = data.mean(axis=1, dtype=np.float32)
                 if not np.isfinite(mono).all():
                     raise AudioError(path, f"NaN or infinite samples near {(n_in + n_parts) / info.samplerate:.2f} s")
-                peak = max(peak, float(np.abs(mono).max()))
+                block_peak = float(np.abs(mono).max())
+                if block_peak > MAX_SAMPLE:   # float files: the resampler's sums overflow to inf/NaN up there
+                    raise AudioError(path, f"sample magnitude {block_peak:.3g} near {(n_in + n_parts) / info.samplerate:.2f} s "
+                                           f"(float audio is within +-1; over {MAX_SAMPLE:g} it is not audio)")
+                peak = max(peak, block_peak)
                 parts.append(mono)
                 n_parts += len(mono)
                 if max_frames is not None and n_in + n_parts > max_frames:
@@ -129,7 +136,10 @@ def stream_audio(path: str | Path, cfg: AudioConfig, max_duration_s: float | Non
                 n_in += n_parts
                 yield np.concatenate(parts)
 
-    yield from resample_stream(mono_blocks(), info.samplerate, cfg.sample_rate)
+    for out in resample_stream(mono_blocks(), info.samplerate, cfg.sample_rate):
+        if not np.isfinite(out).all():   # defensive: nothing finite and under MAX_SAMPLE should get here
+            raise AudioError(path, "resampling produced NaN or infinite samples")
+        yield out
     duration = n_in / info.samplerate
     if n_in == 0:
         raise AudioError(path, "no samples decoded (empty or truncated stream)")
