@@ -121,7 +121,9 @@ def test_test_split_clips_of_the_new_generator_are_never_trained_on(project, sma
     verdict = validate(candidate, base, report, params)["verdict"]
     assert verdict["evidence"]["new_files"] == 3 and "1 test-split file" in verdict["lofo_method"], verdict["evidence"]
     row = next(r for r in verdict["before_after"] if r["file"] == sha[:16])
-    assert row["candidate_held_out"] == row["candidate_trained_on_it"], "the candidate never trained on it: one score"
+    assert row["candidate_held_out"] == row["candidate"] and row["trained_on_it"] is False, \
+        "the candidate never trained on it: one score, and the row says so"
+    assert all(r["trained_on_it"] for r in verdict["before_after"] if r["file"] != sha[:16])
 
 
 def test_augment_never_copies_test_split_clips_of_the_new_generator(project, small_corpus, tiny_params):

@@ -260,9 +260,14 @@ def source_table(tables: dict) -> str:
 
 
 def before_after_table(verdict: dict) -> str:
-    rows = [[_esc(r["file"]), _esc(r["generator"]), _num(r["production"]), _num(r["candidate_trained_on_it"]),
-             _num(r["candidate_held_out"])] for r in verdict.get("before_after", [])]
-    return _table(["file (sha256)", "generator", "production", "candidate (trained on it)", "candidate (held out)"], rows)
+    rows = []
+    for r in verdict.get("before_after", []):
+        trained = r.get("trained_on_it", True)   # verdicts before 2026-11-27 name the key candidate_trained_on_it
+        rows.append([_esc(r["file"]), _esc(r["generator"]), _num(r["production"]),
+                     _num(r["candidate"] if "candidate" in r else r["candidate_trained_on_it"]),
+                     "yes" if trained else "no (test split)", _num(r["candidate_held_out"])])
+    return _table(["file (sha256)", "generator", "production", "candidate", "candidate trained on it",
+                   "candidate (held out)"], rows)
 
 
 def lineage_table(lineage: dict) -> str:

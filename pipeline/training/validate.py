@@ -177,7 +177,7 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     verdict = judge(cand, prod, frozen, evidence, earlier_tries + 1, gates)
     _, seen, _ = score_clips(candidate, new, params)
     before_after = [{"file": c.sha256[:16], "generator": c.generator, "production": round(p, 4),
-                     "candidate_trained_on_it": round(s, 4),
+                     "candidate": round(s, 4), "trained_on_it": c.split != "test",   # test-split files never are
                      "candidate_held_out": round(held_out[c.sha256], 4) if c.sha256 in held_out else None}
                     for c, p, s in zip(new, prod["new_scores"], seen)]
     n_test_new = cand["n_new"] - len([f for f in held_out if f in lofo])
