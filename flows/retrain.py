@@ -265,9 +265,11 @@ def _markdown(s: dict, verdict: dict, metrics: dict) -> str:
     lines += ["", "## Candidate vs champion (same held-out data)", "", "| metric | candidate | champion |", "|---|---|---|"]
     lines += [f"| {k} | {_round(cand.get(k))} | {_round(prod.get(k))} |" for k in SUMMARY_METRICS if k in cand]
     lines += ["", "## Before / after on the new samples", "",
-              "| file | generator | champion | candidate (trained on it) | candidate (held out) |", "|---|---|---|---|---|"]
+              "| file | generator | champion | candidate | candidate trained on it | candidate (held out) |",
+              "|---|---|---|---|---|---|"]
     for r in verdict.get("before_after", []):
-        lines.append(f"| {r['file']} | {r['generator']} | {r['production']} | {r['candidate_trained_on_it']} | {r['candidate_held_out']} |")
+        lines.append(f"| {r['file']} | {r['generator']} | {r['production']} | {r['candidate']} | "
+                     f"{'yes' if r['trained_on_it'] else 'no (test split)'} | {r['candidate_held_out']} |")
     lines += ["", f"New-generator recall measured {verdict.get('lofo_method', 'n/a')}; calibrated threshold {verdict.get('threshold')}."]
     return "\n".join(lines)
 

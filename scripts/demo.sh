@@ -22,8 +22,8 @@ for c, p in zip(v["operating_points"]["candidate"], v["operating_points"]["produ
 print("before/after on the ingested clips:")
 for r in v["before_after"]:
     held = "-" if r["candidate_held_out"] is None else f"{r['candidate_held_out']:.3f}"
-    print(f"  {r['file']}  production {r['production']:.3f}  candidate {r['candidate_trained_on_it']:.3f}"
-          f"  (held out: {held})")
+    print(f"  {r['file']}  production {r['production']:.3f}  candidate {r['candidate']:.3f}"
+          f"{'' if r['trained_on_it'] else ' (test split)'}  (held out: {held})")
 PY
 }
 
