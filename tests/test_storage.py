@@ -179,3 +179,8 @@ def test_gc_archives_refused_candidates_and_restore_puts_them_back(mlflow_store,
     got = registry.resolve(2, "m").checkpoint_path
     assert hashlib.sha256(got.read_bytes()).hexdigest() == client.get_model_version("m", "2").tags["checkpoint_sha256"]
     assert client.download_artifacts(run.info.run_id, "verdict.json", str(tmp_path / "dl"))
+    # and registering the same bytes again after a later gc (a re-run of the same candidate) brings it back
+    collect_garbage("m", keep=1, repo=None, archive_dir=tmp_path / "archive")
+    assert registry.list_versions("m")[1]["archived"]
+    assert registry.register(v2_ckpt, name="m", gates_passed=False) == 2, "one version per checkpoint's bytes"
+    assert registry.list_versions("m")[1]["archived"] is None and registry.resolve(2, "m").checkpoint_path.is_file()

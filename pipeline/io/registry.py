@@ -60,7 +60,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from pipeline import atomic
 from pipeline.io import tracking
-from pipeline.io.archive import ARCHIVED_TAG
+from pipeline.io.archive import ARCHIVED_TAG, restore_version
 from pipeline.io.local_registry import version_cache_folder
 from pipeline.config import Params, RegistryConfig
 from pipeline.core.data import file_sha256
@@ -139,6 +139,9 @@ def register(ckpt_path: str | Path, *, run_id: str | None = None, tags: dict | N
     existing = _version_with_checkpoint(client, name, sha)
     if existing is not None:   # these bytes were registered before (a re-run after a kill): one version, tags renewed
         version = existing
+        if client.get_model_version(name, str(version)).tags.get(ARCHIVED_TAG):   # gc archived it meanwhile
+            restore_version(name, version)
+            log.info("%s v%d was archived: its artifacts are restored from the archive", name, version)
         for key, value in version_tags.items():
             client.set_model_version_tag(name, str(version), key, value)
         log.info("%s v%d already holds this checkpoint (sha256 %s): tags updated, no new version", name, version, sha[:12])
