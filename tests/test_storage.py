@@ -184,3 +184,31 @@ def test_gc_archives_refused_candidates_and_restore_puts_them_back(mlflow_store,
     assert registry.list_versions("m")[1]["archived"]
     assert registry.register(v2_ckpt, name="m", gates_passed=False) == 2, "one version per checkpoint's bytes"
     assert registry.list_versions("m")[1]["archived"] is None and registry.resolve(2, "m").checkpoint_path.is_file()
+
+
+def test_gc_interrupted_after_tagging_finishes_the_archive_on_the_next_run(mlflow_store, tiny_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.io import archive, registry
+    from pipeline.io.retention import collect_garbage
+
+    # given a refused candidate, and a gc that dies after writing and tagging the archive, before deleting
+    registry.register(tiny_checkpoint(seed=1), name="m", base=True)
+    registry.register(tiny_checkpoint(seed=2), name="m", gates_passed=False)
+    real_delete = archive._delete_artifacts
+
+    def killed(*_):
+        raise SystemExit("killed")
+    monkeypatch.setattr(archive, "_delete_artifacts", killed)
+    with pytest.raises(SystemExit):
+        collect_garbage("m", keep=0, repo=None, archive_dir=tmp_path / "archive")
+    mv = MlflowClient().get_model_version("m", "2")
+    assert mv.tags.get("archived") and archive.leftovers(MlflowClient(), mv), "tagged, artifacts still in MLflow"
+    # when the next gc runs
+    monkeypatch.setattr(archive, "_delete_artifacts", real_delete)
+    result = collect_garbage("m", keep=0, repo=None, archive_dir=tmp_path / "archive")
+    # then it checks the tarball and deletes what was left; a third gc has nothing to do
+    assert [a.get("repeated") for a in result["archived"]] == [True]
+    assert not archive.leftovers(MlflowClient(), MlflowClient().get_model_version("m", "2"))
+    assert collect_garbage("m", keep=0, repo=None, archive_dir=tmp_path / "archive")["archived"] == []

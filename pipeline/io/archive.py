@@ -153,12 +153,25 @@ def _check_tarball(path: Path, sha: str | None, mv, extract_to: Path | None = No
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def leftovers(client: MlflowClient, mv) -> bool:
+    """Artifacts of an archived version still in the store (a gc killed between tagging and deleting)."""
+    return any(repo.list_artifacts() for repo in _repos(client, mv))
+
+
+def _repos(client: MlflowClient, mv) -> list:
+    """The artifact repositories archiving empties: the model's files, and its run's unless shared."""
+    repos = [get_artifact_repository(_model_location(client, mv), tracking_uri=client.tracking_uri)]
+    if mv.run_id and not _run_shared(client, mv):
+        repos.append(get_artifact_repository(client.get_run(mv.run_id).info.artifact_uri,
+                                             tracking_uri=client.tracking_uri))
+    return repos
+
+
 def _delete_artifacts(client: MlflowClient, mv) -> None:
     """Delete the model's files and the run's artifacts from the artifact store (metadata stays)."""
-    get_artifact_repository(_model_location(client, mv), tracking_uri=client.tracking_uri).delete_artifacts()
-    if mv.run_id and not _run_shared(client, mv):
-        get_artifact_repository(client.get_run(mv.run_id).info.artifact_uri,
-                                tracking_uri=client.tracking_uri).delete_artifacts()
+    for repo in _repos(client, mv):
+        if repo.list_artifacts():
+            repo.delete_artifacts()
 
 
 def _run_shared(client: MlflowClient, mv) -> bool:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.io import registry, tracking
-from pipeline.io.archive import ARCHIVED_TAG, archivable, archive_version
+from pipeline.io.archive import ARCHIVED_TAG, archivable, archive_version, leftovers
 from pipeline.io.disk import folder_bytes
 
 
@@ -43,7 +43,10 @@ def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run
     if archive_dir:
         for v in sorted(versions, key=lambda v: v["version"]):
             mv = registry.model_version(v["version"], name)
-            if v["version"] not in kept and not mv.tags.get(ARCHIVED_TAG) and archivable(mv.tags, v["aliases"]):
+            if v["version"] in kept:
+                continue
+            fresh = not mv.tags.get(ARCHIVED_TAG) and archivable(mv.tags, v["aliases"])
+            if fresh or (mv.tags.get(ARCHIVED_TAG) and leftovers(client, mv)):   # the latter: a gc killed midway
                 archived.append({"version": v["version"], "archive": None} if dry_run
                                 else archive_version(name, v["version"], archive_dir))
     result = {"versions": len(versions), "kept": sorted(kept), "removed": removed, "cache_freed_bytes": freed,
