@@ -190,8 +190,9 @@ def promote(version: int | str | None = None, *, reason: str, force: bool = Fals
         version = int(version) if version is not None else current[CHALLENGER]
         if pending is not None and pending["version"] == version:
             return _public(pending)       # this very move was interrupted: completed above
-        tags = _version(client, name, version).tags
-        _refuse_archived(name, _version(client, name, version))
+        mv = _version(client, name, version)
+        _refuse_archived(name, mv)
+        tags = mv.tags
         champion = current.get(CHAMPION)
         if champion == version:
             raise PromotionError(f"{name} v{version} is already {CHAMPION}")
