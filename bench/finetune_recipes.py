@@ -57,7 +57,7 @@ def one_draw(work: Path, base_store: Path, base: Path, pair: list[Path], generat
              "augment_stage.out": str(work / "augmented"), "finetune.out": str(work / "candidate.pt"),
              "augment_stage.new_generators": [generator], "finetune.recipe": recipe}
     params = load_params(params_file, overrides | paths)
-    ingest([(p, ClipInfo(label="ai", generator=generator)) for p in pair], store, work / "quarantine",
+    ingest([(p, ClipInfo(label="ai", generator=generator, split="train")) for p in pair], store, work / "quarantine",
            params.audio, params.ingest)
     augment_stage.run(params)
     production = load_checkpoint(base, params.audio)
