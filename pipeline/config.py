@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -133,16 +134,20 @@ class ModelConfig(Section):
     dropout: float = Field(0.2, ge=0, lt=1)
 
 
-def _workers(value: object) -> Literal["auto"] | int:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise ValueError(f"must be auto or an integer >= 0, not {value!r}")
+def _auto_or_count(minimum: int) -> Callable[[object], Literal["auto"] | int]:
+    """The check of a setting that is "auto" or an integer >= minimum (an integer given as text is read as one)."""
+    def check(value: object) -> Literal["auto"] | int:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        raise ValueError(f"must be auto or an integer >= {minimum}, not {value!r}")
+    return check
 
 
+_workers = _auto_or_count(0)   # also `aivoice detect --workers`
 Workers = Annotated[Literal["auto"] | int, PlainValidator(_workers)]
 
 
@@ -349,17 +354,7 @@ class ServeConfig(Section):
     device: str = "cpu"
 
 
-def _threads(value: object) -> Literal["auto"] | int:
-    if value == "auto":
-        return "auto"
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise ValueError(f"must be auto or an integer >= 1, not {value!r}")
-
-
-Threads = Annotated[Literal["auto"] | int, PlainValidator(_threads)]
+Threads = Annotated[Literal["auto"] | int, PlainValidator(_auto_or_count(1))]
 
 
 class ComputeConfig(Section):
