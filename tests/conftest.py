@@ -87,6 +87,18 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _mlflow_templa
 
 
 @pytest.fixture
+def model_path(tmp_path: Path, tiny_params) -> Path:
+    """An untrained width-8 checkpoint for tiny_params (seed 0, threshold 0.5) at tmp_path/m.pt: for scoring tests."""
+    import torch
+
+    from pipeline.core.model import new_model, save_checkpoint
+
+    torch.manual_seed(0)
+    return save_checkpoint(new_model(["en"], tiny_params.audio, tiny_params.features, 8, 0.0), tmp_path / "m.pt",
+                           threshold=0.5)
+
+
+@pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     """Factory: tiny_checkpoint(seed=0, threshold=0.5) -> a new base_width=8 checkpoint file for the default
     params, weights drawn with `seed`, data_hash "data-<seed>" and the default params' hash."""

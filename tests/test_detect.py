@@ -6,17 +6,8 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from pipeline.apps.cli import main
-from pipeline.core.model import new_model, save_checkpoint
-
-
-@pytest.fixture
-def model_path(tmp_path, tiny_params):
-    torch.manual_seed(0)
-    model = new_model(["en"], tiny_params.audio, tiny_params.features, 8, 0.0)
-    return save_checkpoint(model, tmp_path / "m.pt", threshold=0.5)
 
 
 @pytest.fixture

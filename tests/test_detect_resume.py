@@ -11,20 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from pipeline.apps.cli import main
 from pipeline.apps.detect import Detection, write_results
 from pipeline.apps.detect_resume import OutputFileError, done_paths
-from pipeline.core.model import new_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def model_path(tmp_path, tiny_params):
-    torch.manual_seed(0)
-    return save_checkpoint(new_model(["en"], tiny_params.audio, tiny_params.features, 8, 0.0), tmp_path / "m.pt", threshold=0.5)
 
 
 @pytest.fixture

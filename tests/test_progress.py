@@ -6,23 +6,14 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from pipeline.apps.cli import main
-from pipeline.core.model import new_model, save_checkpoint
 from pipeline.progress import PROGRESS_ENV, enabled, progress
 
 
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def model_path(tmp_path, tiny_params):
-    torch.manual_seed(0)
-    return save_checkpoint(new_model(["en"], tiny_params.audio, tiny_params.features, 8, 0.0), tmp_path / "m.pt",
-                           threshold=0.5)
 
 
 @pytest.fixture
