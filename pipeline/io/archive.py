@@ -34,9 +34,10 @@ class ArchiveError(RuntimeError):
     """An archive that cannot be written, read back or restored; nothing was deleted."""
 
 
-def archivable(tags: dict[str, str], aliases: list[str]) -> bool:
-    """A refused candidate that holds no alias and was never champion (a forced promotion keeps its files)."""
-    return (not aliases and tags.get("validation_status") in ARCHIVABLE and "promoted_at" not in tags)
+def archivable(version: dict) -> bool:
+    """A refused candidate (as registry.list_versions describes it) that holds no alias and was never
+    champion (a forced promotion keeps its files)."""
+    return not version["aliases"] and version["validation_status"] in ARCHIVABLE and version["promotion"] is None
 
 
 def archive_version(name: str, version: int, archive_dir: str | Path) -> dict:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.io import registry, tracking
-from pipeline.io.archive import ARCHIVED_TAG, archivable, archive_version, leftovers
+from pipeline.io.archive import archivable, archive_version, leftovers
 from pipeline.io.disk import folder_bytes
 
 
@@ -41,14 +41,16 @@ def collect_garbage(name: str, keep: int, repo: str | Path | None = ".", dry_run
             freed += size
     archived = []
     if archive_dir:
-        for v in sorted(versions, key=lambda v: v["version"]):
-            mv = registry.model_version(v["version"], name)
+        for v in versions:   # oldest first, described by list_versions (one registry search)
             if v["version"] in kept:
                 continue
-            fresh = not mv.tags.get(ARCHIVED_TAG) and archivable(mv.tags, v["aliases"])
-            if fresh or (mv.tags.get(ARCHIVED_TAG) and leftovers(client, mv)):   # the latter: a gc killed midway
-                archived.append({"version": v["version"], "archive": None} if dry_run
-                                else archive_version(name, v["version"], archive_dir))
+            if v["archived"]:   # finished before, unless a gc killed midway left artifacts in MLflow
+                if not leftovers(client, registry.model_version(v["version"], name)):
+                    continue
+            elif not archivable(v):
+                continue
+            archived.append({"version": v["version"], "archive": None} if dry_run
+                            else archive_version(name, v["version"], archive_dir))
     result = {"versions": len(versions), "kept": sorted(kept), "removed": removed, "cache_freed_bytes": freed,
               "archived": archived, "dvc": None}
     if repo is not None and (Path(repo) / ".dvc").is_dir():
