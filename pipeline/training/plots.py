@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
-from pipeline.core.metrics import roc_points  # noqa: E402
+from pipeline.core.metrics import det_points, roc_points  # noqa: E402
 
 
 def _savefig(fig, path: Path) -> None:
@@ -40,7 +40,9 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
         atomic.write_text(path, buf.getvalue())
         written.append(path)
         ax_roc.plot(fpr, tpr, label=name)
-        ax_det.plot(np.clip(fpr, 1e-3, 1), np.clip(1 - tpr, 1e-3, 1), label=name)
+        if len(set(np.asarray(m["labels"]).tolist())) == 2:
+            det_fpr, det_fnr, _ = det_points(m["scores"], m["labels"])
+            ax_det.plot(np.clip(det_fpr, 1e-3, 1), np.clip(det_fnr, 1e-3, 1), label=name)
         s, y = np.asarray(m["scores"]), np.asarray(m["labels"])
         bins = np.linspace(0, 1, 41)
         ax_h.hist(s[y == 0], bins=bins, alpha=0.6, label="human")
@@ -80,8 +82,8 @@ def write_lso_plots(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 5))
     for seed in result["per_seed"]:
         rows = seed["scores"]
-        fpr, tpr, _ = roc_points([r["ai_score"] for r in rows], [int(r["label"] == "ai") for r in rows])
-        ax.plot(np.clip(fpr, 1e-3, 1), np.clip(1 - tpr, 1e-3, 1), label=f"seed {seed['seed']}: EER {seed['pooled_eer']:.3f}")
+        fpr, fnr, _ = det_points([r["ai_score"] for r in rows], [int(r["label"] == "ai") for r in rows])
+        ax.plot(np.clip(fpr, 1e-3, 1), np.clip(fnr, 1e-3, 1), label=f"seed {seed['seed']}: EER {seed['pooled_eer']:.3f}")
     ax.plot([1e-3, 1], [1e-3, 1], color="grey", linewidth=0.5)
     ax.set(xscale="log", yscale="log", xlabel="false-positive rate (human)", ylabel="false-negative rate (AI)",
            title="leave-sources-out, pooled")

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
-from pipeline.core.metrics import roc_points, wilson  # noqa: E402
+from pipeline.core.metrics import det_points, wilson  # noqa: E402
 
 MODELS = ("candidate", "production")
 COLOURS = {"candidate": "tab:blue", "production": "tab:orange"}
@@ -106,8 +106,8 @@ def det_figure(scores: dict, out: Path) -> Path:
         for what, ss, yy, style in curves:
             if yy.min() == yy.max():
                 continue
-            fpr, tpr, _ = roc_points(ss, yy)
-            ax.plot(_probit(fpr), _probit(1 - tpr), style, color=COLOURS[name], label=f"{name}: {what}")
+            fpr, fnr, _ = det_points(ss, yy)
+            ax.plot(_probit(fpr), _probit(fnr), style, color=COLOURS[name], label=f"{name}: {what}")
         if len(humans) and (y == 1).any():
             at = m["threshold"]
             fp, fn = float((humans >= at).mean()), float((s[y == 1] < at).mean())
