@@ -44,11 +44,13 @@ class FeatureConfig(Section):
 
     kind: `mel` (n_mels bins, the production front end) or `linear` (n_fft/2+1 log-linear bins,
     which keep the high-frequency detail vocoders leave; Mueller et al. 2022). normalize: `rms` scales
-    each window to one RMS before the log, so neither level nor the log floor can be a cue; `none` is
-    the production front end's behaviour (gain-invariant only through the mean removal)."""
+    each window to one RMS before the log, so neither level nor the log floor can be a cue; `cmn`
+    removes each bin's mean over the window (cepstral mean normalisation: a fixed channel response, a
+    microphone's or a page's filter, is a constant per bin in the log domain); `none` is the production
+    front end's behaviour (gain-invariant only through the mean removal)."""
 
     kind: Literal["mel", "linear"] = "mel"
-    normalize: Literal["none", "rms"] = "none"
+    normalize: Literal["none", "rms", "cmn"] = "none"
     n_mels: int = Field(80, gt=0)
     n_fft: int = Field(1024, gt=0)
     win_length: int = Field(1024, gt=0)
@@ -197,6 +199,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     patience: int = Field(4, gt=0, description="epochs without a better validation EER before stopping")
+    select: Literal["best", "last"] = Field("best", description="the model kept: the epoch of best validation EER "
+                                            "(early stopping), or the last epoch of the full schedule (no early stop)")
     mixture_fraction: float = Field(0.15, ge=0, lt=1, description="share of synthesized two-talker mixtures")
     augment: AugmentConfig = AugmentConfig(
         noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,

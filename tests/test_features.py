@@ -75,6 +75,22 @@ def test_rms_normalised_front_end_is_gain_invariant_even_at_the_floor(default_pa
     assert float((spec(rms, 0.01) - spec(rms, 1.0)).abs().max()) < 1e-3, "rms normalisation removes the level"
 
 
+def test_cmn_front_end_ignores_a_fixed_channel_filter(default_params, speech_like):
+    # given: one clip and the same clip through a fixed filter (a channel: constant gain per frequency)
+    import torchaudio.functional as AF
+
+    x = torch.from_numpy(speech_like(3.0, 24000, seed=7))[None]
+    coloured = AF.equalizer_biquad(AF.equalizer_biquad(x, 24000, 1500.0, 12.0, 0.7), 24000, 5000.0, -9.0, 1.0)
+    plain = FrontEnd(default_params.audio, default_params.features)
+    cmn = FrontEnd(default_params.audio, default_params.features.model_copy(update={"normalize": "cmn"}))
+    # then: the channel shifts the plain log-mel by several nepers per bin; per-bin mean removal takes it out
+    # (what is left is the filter's smearing between neighbouring frames and bins)
+    diff = lambda fe: float((fe(x) - fe(coloured))[..., 5:-5].abs().mean())
+    assert diff(plain) > 0.8, f"premise: the filter moves the plain spectrogram ({diff(plain):.3f})"
+    assert diff(cmn) < 0.25 * diff(plain), f"cmn {diff(cmn):.3f} vs plain {diff(plain):.3f}"
+    assert torch.allclose(cmn(x).mean(dim=-1), torch.zeros(1), atol=1e-4), "every bin is zero-mean over time"
+
+
 def test_linear_front_end_keeps_every_stft_bin(default_params, speech_like):
     feats = default_params.features.model_copy(update={"kind": "linear"})
     spec = FrontEnd(default_params.audio, feats)(torch.from_numpy(speech_like(3.0, 24000))[None])

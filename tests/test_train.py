@@ -32,3 +32,27 @@ def test_bootstrap_refuses_one_class(tmp_path, tiny_params, small_corpus):
         (tmp_path / "ai" / "x__y" / clip.name).write_bytes(clip.read_bytes())
     with pytest.raises(CorpusError, match="only ai"):
         bootstrap(tmp_path, tiny_params, tmp_path / "m.pt", tmp_path / "r.json")
+
+
+def test_select_last_keeps_the_full_schedule_whatever_validation_says(small_corpus, tiny_params, tmp_path, monkeypatch):
+    # given: a validation EER that only gets worse after epoch 1 (early stopping would keep epoch 1),
+    # and one that only gets better (best = the last epoch)
+    import pipeline.training.train as train_mod
+
+    def run(name, eers, select):
+        seq = iter(eers)
+        monkeypatch.setattr(train_mod, "compute_eer", lambda scores, labels: (next(seq), 0.5))
+        params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+            update={"epochs": 4, "patience": 1, "select": select})})
+        report = bootstrap(small_corpus.root, params, tmp_path / f"{name}.pt", tmp_path / f"{name}.json")
+        return report, load_checkpoint(tmp_path / f"{name}.pt", params.audio).state_dict()
+
+    worse, improving = [0.1, 0.2, 0.3, 0.4, 0.5], [0.4, 0.3, 0.2, 0.1, 0.1]
+    best_report, best_w = run("best", worse, "best")
+    last_report, last_w = run("last", worse, "last")
+    _, reference = run("ref", improving, "best")
+    # then: select best stopped after epoch 2 and kept epoch 1; select last trained all 4 epochs and kept
+    # the 4th, the same weights as an early-stopping run whose best epoch was the 4th
+    assert len(best_report["history"]) == 2 and len(last_report["history"]) == 4, "early stop only with best"
+    assert all(torch.equal(last_w[k], reference[k]) for k in last_w), "select last = the weights after epoch 4"
+    assert not all(torch.equal(last_w[k], best_w[k]) for k in last_w), "select best kept an earlier epoch"

@@ -4,7 +4,9 @@ A segment is `audio.segment_s` seconds. Clips shorter than a segment are tiled (
 full length rather than zero-padded, so that padding silence cannot become a class cue.
 Each log spectrogram has its mean removed, which makes scores independent of input gain; with
 `normalize: rms` each window is also scaled to one RMS first, so the log floor sits at the same
-level below the speech whatever the recording's level. A trained model scores with the front end
+level below the speech whatever the recording's level; with `normalize: cmn` each bin's mean over the
+window is removed instead, so a fixed channel response (a constant per bin in the log domain) is no
+cue. A trained model scores with the front end
 recorded in its checkpoint (`pipeline.core.model.ModelMeta.feature_config`).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ class FrontEnd(torch.nn.Module):
         super().__init__()
         self.floor = feats.log_floor
         self.rms = feats.normalize == "rms"
+        self.mean_dims = (2,) if feats.normalize == "cmn" else (1, 2)  # per bin over time, or the whole window
         common = dict(n_fft=feats.n_fft, win_length=feats.win_length, hop_length=feats.hop_length, power=2.0, center=True)
         if feats.kind == "mel":
             self.spec = torchaudio.transforms.MelSpectrogram(
@@ -42,7 +45,7 @@ class FrontEnd(torch.nn.Module):
         if self.rms:
             wave = wave * (RMS_LEVEL / wave.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-8))
         spec = self.spec(wave).clamp_min(self.floor).log()  # (B, bins, T)
-        spec = spec - spec.mean(dim=(1, 2), keepdim=True)
+        spec = spec - spec.mean(dim=self.mean_dims, keepdim=True)
         return spec.unsqueeze(1)  # (B, 1, bins, T)
 
 

@@ -169,7 +169,8 @@ def validation_scores(model: Detector, items: list[LoadedClip], params: Params, 
 
 
 def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector | None, list[dict]]:
-    """Train from scratch; return the best-on-validation-EER model and the per-epoch history.
+    """Train from scratch; return the best-on-validation-EER model (train.select best) or the last epoch's
+    (select last), and the per-epoch history.
 
     Under torchrun (pipeline.training.distributed) every rank trains a DistributedDataParallel replica
     on its share of each global batch (make_shard); rank 0 alone validates, decides early stopping for
@@ -229,7 +230,9 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
                             "processes": world})
             log.info("epoch %d: train loss %.4f (rank 0 of %d), validation EER %.4f", epoch, np.mean(losses), world, eer)
             epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
-            if eer < best_eer:
+            if cfg.select == "last":   # the full schedule: OneCycle ends at a small learning rate
+                best = copy.deepcopy(model.state_dict()) if epoch == cfg.epochs else None
+            elif eer < best_eer:
                 best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
             else:
                 stale += 1
