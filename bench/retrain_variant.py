@@ -51,6 +51,7 @@ def main() -> None:
            "status": verdict["status"], "reasons": verdict["reasons"], "threshold": report["calibration"]["threshold"],
            "lofo": report["lofo"]["files"], "best_epoch": report["best_epoch"],
            "gates": {n: g.get("value") for n, g in verdict["gates"].items()},
+           "gate_counts": {n: g["count"] for n, g in verdict["gates"].items() if "count" in g},
            "operating_points": verdict.get("operating_points")}
     print(json.dumps({k: v for k, v in row.items() if k not in ("machine", "operating_points")}, default=str))
     write_json(out, row)

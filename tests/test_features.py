@@ -83,7 +83,7 @@ def test_cmn_front_end_ignores_a_fixed_channel_filter(default_params, speech_lik
     coloured = AF.equalizer_biquad(AF.equalizer_biquad(x, 24000, 1500.0, 12.0, 0.7), 24000, 5000.0, -9.0, 1.0)
     plain = FrontEnd(default_params.audio, default_params.features)
     cmn = FrontEnd(default_params.audio, default_params.features.model_copy(update={"normalize": "cmn"}))
-    # then: the channel shifts the plain log-mel by several nepers per bin; per-bin mean removal takes it out
+    # then: the channel shifts the plain log-mel by about one neper per bin; per-bin mean removal takes it out
     # (what is left is the filter's smearing between neighbouring frames and bins)
     diff = lambda fe: float((fe(x) - fe(coloured))[..., 5:-5].abs().mean())
     assert diff(plain) > 0.8, f"premise: the filter moves the plain spectrogram ({diff(plain):.3f})"

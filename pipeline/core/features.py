@@ -6,8 +6,8 @@ Each log spectrogram has its mean removed, which makes scores independent of inp
 `normalize: rms` each window is also scaled to one RMS first, so the log floor sits at the same
 level below the speech whatever the recording's level; with `normalize: cmn` each bin's mean over the
 window is removed instead, so a fixed channel response (a constant per bin in the log domain) is no
-cue. A trained model scores with the front end
-recorded in its checkpoint (`pipeline.core.model.ModelMeta.feature_config`).
+cue. A trained model scores with the front end recorded in its checkpoint
+(`pipeline.core.model.ModelMeta.feature_config`).
 """
 from __future__ import annotations
 
