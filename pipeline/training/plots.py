@@ -31,7 +31,8 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
     fig_hist, axes = plt.subplots(len(models), 1, figsize=(6, 2.5 * len(models)), squeeze=False)
     fig_conf, conf_axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3), squeeze=False)
     for (name, m), ax_h, ax_c in zip(models.items(), axes[:, 0], conf_axes[0]):
-        fpr, tpr, _ = roc_points(m["scores"], m["labels"])
+        s, y = np.asarray(m["scores"]), np.asarray(m["labels"])
+        fpr, tpr, _ = roc_points(s, y)
         path = out / f"roc_{name}.csv"
         buf = io.StringIO(newline="")
         w = csv.writer(buf, lineterminator="\r\n")
@@ -40,10 +41,9 @@ def write_plots(models: dict[str, dict], out: Path) -> list[Path]:
         atomic.write_text(path, buf.getvalue())
         written.append(path)
         ax_roc.plot(fpr, tpr, label=name)
-        if len(set(np.asarray(m["labels"]).tolist())) == 2:
-            det_fpr, det_fnr, _ = det_points(m["scores"], m["labels"])
+        if y.min() < y.max():   # a DET curve needs both classes
+            det_fpr, det_fnr, _ = det_points(s, y)
             ax_det.plot(np.clip(det_fpr, 1e-3, 1), np.clip(det_fnr, 1e-3, 1), label=name)
-        s, y = np.asarray(m["scores"]), np.asarray(m["labels"])
         bins = np.linspace(0, 1, 41)
         ax_h.hist(s[y == 0], bins=bins, alpha=0.6, label="human")
         ax_h.hist(s[y == 1], bins=bins, alpha=0.6, label="ai")
