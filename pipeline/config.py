@@ -199,8 +199,11 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     patience: int = Field(4, gt=0, description="epochs without a better validation EER before stopping")
-    select: Literal["best", "last"] = Field("best", description="the model kept: the epoch of best validation EER "
-                                            "(early stopping), or the last epoch of the full schedule (no early stop)")
+    select: Literal["best", "last", "swa"] = Field(
+        "best", description="the model kept: the epoch of best validation EER (early stopping), the last epoch of "
+        "the full schedule (no early stop), or swa: the mean of the weights over the schedule's tail (no early stop)")
+    swa_start: float = Field(0.5, gt=0, lt=1, description="select swa: the share of the schedule after which the "
+                             "weights are averaged, every step")
     mixture_fraction: float = Field(0.15, ge=0, lt=1, description="share of synthesized two-talker mixtures")
     augment: AugmentConfig = AugmentConfig(
         noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,

@@ -56,3 +56,26 @@ def test_select_last_keeps_the_full_schedule_whatever_validation_says(small_corp
     assert len(best_report["history"]) == 2 and len(last_report["history"]) == 4, "early stop only with best"
     assert all(torch.equal(last_w[k], reference[k]) for k in last_w), "select last = the weights after epoch 4"
     assert not all(torch.equal(last_w[k], best_w[k]) for k in last_w), "select best kept an earlier epoch"
+
+
+def test_select_swa_averages_the_tail_of_the_full_schedule(small_corpus, tiny_params, tmp_path, monkeypatch):
+    # given: a validation EER that only gets worse (early stopping would stop after epoch 2)
+    import pipeline.training.train as train_mod
+
+    seq = iter([0.1, 0.2, 0.3, 0.4, 0.05])   # the 5th is the averaged model's
+    monkeypatch.setattr(train_mod, "compute_eer", lambda scores, labels: (next(seq), 0.5))
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"epochs": 4, "patience": 1, "select": "swa", "swa_start": 0.5})})
+    report = bootstrap(small_corpus.root, params, tmp_path / "swa.pt", tmp_path / "swa.json")
+    swa_w = load_checkpoint(tmp_path / "swa.pt", params.audio).state_dict()
+    monkeypatch.undo()
+    last = params.model_copy(update={"train": params.train.model_copy(update={"select": "last"})})
+    bootstrap(small_corpus.root, last, tmp_path / "last.pt", tmp_path / "last.json")
+    last_w = load_checkpoint(tmp_path / "last.pt", params.audio).state_dict()
+    # then: all 4 epochs ran, the second half of the 12 steps was averaged, and the kept weights are that
+    # average (not the last step's), reported with their own validation EER
+    history = report["history"]
+    assert len(history) == 4, "no early stop with swa"
+    assert history[-1]["swa_steps"] == 6 and history[-1]["swa_val_eer"] == 0.05
+    assert not torch.equal(swa_w["trunk.conv1.weight"], last_w["trunk.conv1.weight"]), "the mean, not the last step"
+    assert report["validation"]["overall"]["eer"] is not None

@@ -28,7 +28,7 @@ from pipeline.core.model import save_checkpoint
 from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
-from pipeline.training.train import split_for_training, train_model, validation_scores
+from pipeline.training.train import selected_val_eer, split_for_training, train_model, validation_scores
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
             result = {"seed": s, "fold": f, "held_out": sources, "split_by": split_by, "n_train": len(train_items),
                       "n_twins": sum(1 for it in train_items if it.clip.twin_of), "n_val": len(val_items),
                       "n_test": len(test), "eer": _eer(scores, labels),
-                      "val_eer": history[-1]["val_eer"] if p.train.select == "last" else min(h["val_eer"] for h in history),
+                      "val_eer": selected_val_eer(history, p.train.select),
                       "epochs": len(history), "threshold": cal["threshold"], "calibration": cal,
                       "train_s": round(time.time() - t0, 1), "history": history}
             if keep_models:

@@ -168,9 +168,35 @@ def validation_scores(model: Detector, items: list[LoadedClip], params: Params, 
     return scores
 
 
+class WeightAverage:
+    """Running mean of a model's parameters over training steps (stochastic weight averaging, taken every
+    step as SWAD does): the mean of the weights a schedule passes through sits in a flatter region of
+    the loss, which transfers better to domains the training never saw (Izmailov et al. 2018; Cha et al.,
+    NeurIPS 2021). Batch-norm statistics do not average; `into` recomputes them on training batches."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.mean = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.count = 1
+
+    @torch.no_grad()
+    def add(self, model: torch.nn.Module) -> None:
+        self.count += 1
+        for n, p in model.named_parameters():
+            self.mean[n].lerp_(p.detach(), 1.0 / self.count)
+
+    @torch.no_grad()
+    def into(self, model: torch.nn.Module, batches) -> torch.nn.Module:
+        """Load the mean into `model` and recompute its batch-norm statistics on `batches` (inputs)."""
+        for n, p in model.named_parameters():
+            p.copy_(self.mean[n])
+        torch.optim.swa_utils.update_bn(batches, model)
+        return model
+
+
 def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector | None, list[dict]]:
-    """Train from scratch; return the best-on-validation-EER model (train.select best) or the last epoch's
-    (select last), and the per-epoch history.
+    """Train from scratch; return the best-on-validation-EER model (train.select best), the last epoch's
+    (select last) or the mean of the weights over the schedule's tail (select swa, WeightAverage), and the
+    per-epoch history (with swa, the last row also holds the averaged model's `swa_val_eer`).
 
     Under torchrun (pipeline.training.distributed) every rank trains a DistributedDataParallel replica
     on its share of each global batch (make_shard); rank 0 alone validates, decides early stopping for
@@ -199,6 +225,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     val_labels = [it.clip.label for it in val]
     use_amp = cfg.amp and device.type == "cuda"
     best, best_eer, history, stale = None, float("inf"), [], 0
+    average, average_from = None, int(cfg.swa_start * cfg.epochs * cfg.steps_per_epoch)
     started = time.monotonic()
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
@@ -209,16 +236,18 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             step = (epoch - 1) * cfg.steps_per_epoch + i
             *batch, rngs = make_shard(sampler, params, languages, step, rank, world)
             waves, ai, lang, spk = (t.to(device) for t in batch)
-            feats = front_end(waves)
-            feats = torch.stack([augment_spec(f, cfg.augment, r) for f, r in zip(feats, rngs)])  # (B, 1, bins, T)
-            if device.type == "cuda":
-                feats = feats.contiguous(memory_format=torch.channels_last)
+            feats = training_features(front_end, waves, rngs, params)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = multitask_loss(step_model(feats), ai, lang, spk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if cfg.select == "swa" and rank == 0 and step >= average_from:
+                if average is None:
+                    average = WeightAverage(model)
+                else:
+                    average.add(model)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         stop, train_s = False, time.monotonic() - epoch_started
@@ -230,11 +259,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
                             "processes": world})
             log.info("epoch %d: train loss %.4f (rank 0 of %d), validation EER %.4f", epoch, np.mean(losses), world, eer)
             epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
-            if cfg.select == "last":   # the full schedule: OneCycle ends at a small learning rate
-                best = copy.deepcopy(model.state_dict()) if epoch == cfg.epochs else None
-            elif eer < best_eer:
+            if cfg.select == "last" and epoch == cfg.epochs:   # OneCycle ends at a small learning rate
+                best = copy.deepcopy(model.state_dict())
+            elif cfg.select == "best" and eer < best_eer:
                 best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
-            else:
+            elif cfg.select == "best":
                 stale += 1
                 if stale >= cfg.patience:
                     log.info("early stop: no better validation EER for %d epochs", stale)
@@ -244,8 +273,34 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     epochs.close()
     if rank:
         return None, []
-    model.load_state_dict(best)
+    if cfg.select == "swa":
+        total = cfg.epochs * cfg.steps_per_epoch   # batch-norm statistics on fresh training batches
+        shards = (make_shard(sampler, params, languages, total + i) for i in range(SWA_BN_BATCHES))
+        batches = [training_features(front_end, waves.to(device), rngs, params) for waves, *_, rngs in shards]
+        average.into(model, batches)
+        eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
+        history[-1] |= {"swa_val_eer": eer, "swa_steps": average.count}
+        log.info("weights averaged over the last %d steps: validation EER %.4f", average.count, eer)
+    else:
+        model.load_state_dict(best)
     return model.to("cpu").eval(), history
+
+
+def selected_val_eer(history: list[dict], select: str) -> float:
+    """The validation EER of the model train_model kept under `train.select`."""
+    if select == "swa":
+        return history[-1]["swa_val_eer"]
+    return history[-1]["val_eer"] if select == "last" else min(h["val_eer"] for h in history)
+
+
+SWA_BN_BATCHES = 16   # batches that re-estimate the averaged model's batch-norm statistics
+
+
+def training_features(front_end: FrontEnd, waves: torch.Tensor, rngs: list, params: Params) -> torch.Tensor:
+    """Waves as the model sees them in training: log-mel, then each row's SpecAugment from its own
+    generator; (B, 1, bins, T), channels_last on CUDA."""
+    feats = torch.stack([augment_spec(f, params.train.augment, r) for f, r in zip(front_end(waves), rngs)])
+    return feats.contiguous(memory_format=torch.channels_last) if feats.device.type == "cuda" else feats
 
 
 def training_clips(corpus: str | Path, params: Params, twins: str | Path | None = None) -> list:
