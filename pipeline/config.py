@@ -200,8 +200,8 @@ class TrainConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     patience: int = Field(4, gt=0, description="epochs without a better validation EER before stopping")
     select: Literal["best", "last", "swa"] = Field(
-        "best", description="the model kept: the epoch of best validation EER (early stopping), the last epoch of "
-        "the full schedule (no early stop), or swa: the mean of the weights over the schedule's tail (no early stop)")
+        "last", description="the model kept: the last epoch of the full schedule, the epoch of best validation EER "
+        "(early stopping), or swa: the mean of the weights over the schedule's tail (no early stop)")
     swa_start: float = Field(0.5, gt=0, lt=1, description="select swa: the share of the schedule after which the "
                              "weights are averaged, every step")
     mixture_fraction: float = Field(0.15, ge=0, lt=1, description="share of synthesized two-talker mixtures")
