@@ -1,8 +1,10 @@
 """Base training (bootstrap): trunk and all three heads from scratch on a labelled corpus.
 
 What keeps the model off the recording chain (docs/architecture.md, "A base that generalises"):
-- validation holds out whole sources (`train.split_by`), so the checkpoint is chosen for recording
-  chains it has never heard, and the threshold is calibrated on those sources' humans;
+- validation holds out whole sources (`train.split_by`), so the reported EER (and the epoch kept under
+  `train.select: best`) is about recording chains the model has never heard, and the threshold is
+  calibrated on those sources' humans; the default keeps the schedule's last epoch, because a few held-out
+  sources make a noisy epoch choice (docs/benchmarks.md, 5c);
 - half of every batch's human/AI pairs (`train.twin_fraction`) are a human clip and its vocoded twin
   (pipeline.synthesis), cropped at the same place and put through the same channel augmentation: the
   pair differs only in how the waveform was made;
