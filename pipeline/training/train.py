@@ -1,6 +1,6 @@
 """Base training (bootstrap): trunk and all three heads from scratch on a labelled corpus.
 
-What keeps the model off the recording chain (docs/architecture.md, "A base that generalises"):
+What keeps the model off the recording chain (docs/architecture.md, "Decisions"):
 - validation holds out whole sources (`train.split_by`), so the reported EER (and the epoch kept under
   `train.select: best`) is about recording chains the model has never heard, and the threshold is
   calibrated on those sources' humans; the default keeps the schedule's last epoch, because a few held-out
