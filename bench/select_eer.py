@@ -45,15 +45,13 @@ class Snapshots:
     def pick(self) -> None:
         """After a fold's training: the epoch early stopping would keep, and the last one."""
         epochs = self.epochs[:-1]   # the last entry is the weight average's validation
-        best, best_eer, stale, stop = 0, float("inf"), 0, len(epochs)
+        best, stop, early = 0, len(epochs), train.EarlyStopping(self.patience)
         for i, (_, eer) in enumerate(epochs):
-            if eer < best_eer:
-                best, best_eer, stale = i, eer, 0
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    stop = i + 1
-                    break
+            if early.improved(eer):
+                best = i
+            elif early.stop:
+                stop = i + 1
+                break
         self.picked = {"best": epochs[best][0], "last": epochs[-1][0],
                        "info": {"best_epoch": best + 1, "stopped_after": stop, "val_eers": [e for _, e in self.epochs]}}
         self.epochs = []

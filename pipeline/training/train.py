@@ -195,6 +195,26 @@ class WeightAverage:
         return model
 
 
+class EarlyStopping:
+    """train.select best: the epoch of lowest validation EER, stopping after `patience` epochs without a
+    better one (bench/select_eer.py replays the same rule on recorded EERs)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best_eer, self.stale = patience, float("inf"), 0
+
+    def improved(self, eer: float) -> bool:
+        """Record one epoch's EER; True when it is the best so far."""
+        if eer < self.best_eer:
+            self.best_eer, self.stale = eer, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.stale >= self.patience
+
+
 def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector | None, list[dict]]:
     """Train from scratch; return the best-on-validation-EER model (train.select best), the last epoch's
     (select last) or the mean of the weights over the schedule's tail (select swa, WeightAverage), and the
@@ -226,7 +246,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
     val_labels = [it.clip.label for it in val]
     use_amp = cfg.amp and device.type == "cuda"
-    best, best_eer, history, stale = None, float("inf"), [], 0
+    best, history, early = None, [], EarlyStopping(cfg.patience)
     average, average_from = None, int(cfg.swa_start * cfg.epochs * cfg.steps_per_epoch)
     started = time.monotonic()
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
@@ -263,13 +283,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             epochs.set_postfix(loss=f"{np.mean(losses):.3f}", val_eer=f"{eer:.3f}")
             if cfg.select == "last" and epoch == cfg.epochs:   # OneCycle ends at a small learning rate
                 best = copy.deepcopy(model.state_dict())
-            elif cfg.select == "best" and eer < best_eer:
-                best, best_eer, stale = copy.deepcopy(model.state_dict()), eer, 0
-            elif cfg.select == "best":
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info("early stop: no better validation EER for %d epochs", stale)
-                    stop = True
+            elif cfg.select == "best" and early.improved(eer):
+                best = copy.deepcopy(model.state_dict())
+            elif cfg.select == "best" and early.stop:
+                log.info("early stop: no better validation EER for %d epochs", early.stale)
+                stop = True
         if broadcast_flag(stop):
             break
     epochs.close()
