@@ -42,6 +42,29 @@ def test_checkpoint_round_trip_and_never_overwrites(params, tmp_path):
         save_checkpoint(model, path)
 
 
+def test_the_ai_branch_changes_the_ai_head_only_and_survives_a_round_trip(params, tmp_path):
+    # given: a model, and its copy whose ai head reads its own layer4
+    model = new_model(["en", "fr"], params.audio, params.features, base_width=8, dropout=0.0).eval()
+    forked = model.with_ai_branch().eval()
+    x = torch.randn(3, 1, 80, 301)
+    with torch.no_grad():
+        before, same = model(x), forked(x)
+        assert all(torch.allclose(before[k], same[k], atol=1e-6) for k in before), "the fork starts as the model"
+        # when: the branch's weights change
+        for p in forked.ai_layer4.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        after = forked(x)
+    # then: only the ai head's output moves; language and speakers are the model's, bit for bit
+    assert not torch.allclose(after["ai"], before["ai"]), "the ai head reads the branch"
+    assert torch.equal(after["language"], before["language"]) and torch.equal(after["speakers"], before["speakers"])
+    assert forked.meta.ai_branch == "layer4" and model.ai_layer4 is None
+    loaded = load_checkpoint(save_checkpoint(forked, tmp_path / "f.pt"), params.audio)
+    with torch.no_grad():
+        again = loaded(x)
+    assert all(torch.equal(again[k], after[k]) for k in after), "a reloaded fork predicts identically"
+    assert torch.equal(loaded.embed(x), forked.embed(x)), "embed is the ai head's embedding"
+
+
 def test_the_same_model_saved_twice_has_the_same_bytes(params, tmp_path):
     # (a clone that re-trains the same candidate must see the same sha256: the registry and dvc.lock key on it)
     model = new_model(["en"], params.audio, params.features, base_width=8, dropout=0.0)

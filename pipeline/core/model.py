@@ -8,9 +8,15 @@ A fine-tuned model may carry a `CosineHead` (meta.cosine_head): evidence from di
 embedding space (prototypes of generators learned from a few clips, or an OC-softmax human direction).
 Its probability and the linear `ai` head's are combined by taking the larger, and returned as the
 `ai` logits, so everything that scores a model (softmax(ai)[1]) works unchanged.
+
+A model fine-tuned by the `last_block` recipe carries its own copy of layer4 for the `ai` head
+(meta.ai_branch "layer4", weights `ai_layer4.*`): the `language` and `speakers` heads keep reading the
+layer4 they were trained with, so a retrain for a new generator cannot change what they say.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +98,7 @@ class ModelMeta:
     cosine_head: dict = field(default_factory=dict)   # {"kind", "generators", "n_prototypes"} when present
     threshold_scoring: dict = field(default_factory=dict)   # the scoring settings `threshold` was calibrated
     # with (pipeline.core.scoring.scoring_settings); empty for an uncalibrated or older checkpoint
+    ai_branch: str = ""   # "layer4": the ai head (and cosine head) read their own layer4 (`ai_layer4`); "": shared
 
     def feature_config(self) -> FeatureConfig:
         """The front end this model was trained with (keys an older checkpoint lacks take the defaults,
@@ -153,21 +160,51 @@ class Detector(nn.Module):
             "speakers": nn.Linear(d, len(SPEAKER_CLASSES)),
         })
         self.cosine = CosineHead(d, meta.cosine_head.get("n_prototypes", 0)) if meta.cosine_head else None
+        if meta.ai_branch not in ("", "layer4"):
+            raise CheckpointError(f"unknown ai_branch {meta.ai_branch!r} (expected '' or 'layer4')")
+        self.ai_layer4 = copy.deepcopy(self.trunk.layer4) if meta.ai_branch == "layer4" else None
+
+    def ai_layer4_or_shared(self) -> nn.Module:
+        """The layer4 the ai head reads: its own copy when the model has one, else the trunk's."""
+        return self.trunk.layer4 if self.ai_layer4 is None else self.ai_layer4
+
+    def embeddings_from_layer3(self, x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared, ai) embeddings from layer3's output: what the language/speakers heads read and what the
+        ai (and cosine) head reads; the same tensor when the model has no ai branch."""
+        shared = self.trunk.from_layer3(x3)
+        if self.ai_layer4 is None:
+            return shared, shared
+        return shared, torch.flatten(self.trunk.avgpool(self.ai_layer4(x3)), 1)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.trunk(feats)  # (B, D)
+        """The ai head's embedding (B, D): prototypes and cosine heads live in this space."""
+        if self.ai_layer4 is None:
+            return self.trunk(feats)
+        return self.embeddings_from_layer3(self.trunk.to_layer3(feats))[1]
 
-    def heads_forward(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def heads_forward(self, emb: torch.Tensor, ai_emb: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         dropped = self.dropout(emb)
-        out = {name: head(dropped) for name, head in self.heads.items()}
+        ai_dropped = dropped if ai_emb is None else self.dropout(ai_emb)
+        ai_emb = emb if ai_emb is None else ai_emb
+        out = {name: head(ai_dropped if name == "ai" else dropped) for name, head in self.heads.items()}
         if self.cosine is not None:
-            p = torch.maximum(out["ai"].softmax(-1)[:, AI_LABEL], self.cosine(emb)).clamp(1e-7, 1 - 1e-7)
+            p = torch.maximum(out["ai"].softmax(-1)[:, AI_LABEL], self.cosine(ai_emb)).clamp(1e-7, 1 - 1e-7)
             out["ai"] = torch.stack([torch.log1p(-p), torch.log(p)], -1) if AI_LABEL == 1 else \
                 torch.stack([torch.log(p), torch.log1p(-p)], -1)
         return out
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads_forward(self.embed(feats))
+        if self.ai_layer4 is None:
+            return self.heads_forward(self.trunk(feats))
+        return self.heads_forward(*self.embeddings_from_layer3(self.trunk.to_layer3(feats)))
+
+    def with_ai_branch(self) -> "Detector":
+        """A copy whose ai head reads its own layer4, initialised as the shared one (itself if it has one)."""
+        if self.ai_layer4 is not None:
+            return copy.deepcopy(self)
+        forked = Detector(dataclasses.replace(self.meta, ai_branch="layer4"))
+        forked.load_state_dict(self.state_dict() | {f"ai_layer4.{k}": v for k, v in self.trunk.layer4.state_dict().items()})
+        return forked.to(next(self.parameters()).device).train(self.training)
 
 
 def save_checkpoint(model: Detector, path: str | Path, **meta_updates) -> Path:

@@ -18,8 +18,10 @@ Recipes (`finetune.recipe`; bench/finetune_recipes.py compares them):
 - `ocsoftmax`: a learned human direction with the one-class softmax loss (Zhang et al. 2021) on
   frozen embeddings, served the same way.
 - `head`: the `ai` head retrained on frozen-trunk embeddings (the original production recipe).
-- `last_block` (the default): layer4 and the `ai` head on cached layer3 outputs; a distillation loss keeps the
-  `language` and `speakers` heads' outputs as production's.
+- `last_block` (the default): a copy of layer4 for the `ai` head alone (the model's ai branch) and the
+  `ai` head, on cached layer3 outputs. The `language` and `speakers` heads keep reading production's
+  layer4, so their outputs are production's, bit for bit. A distillation loss keeps the branch's
+  embedding readable by those heads as production's was (a regulariser towards production's features).
 - `input_layers`: the stem and layer1 ("freeze and learn"), everything after them frozen, with the
   same distillation; every step runs the whole network, so it is the slowest.
 
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 
 RECIPES = ("prototype", "ocsoftmax", "head", "last_block", "input_layers")
 TRAINED = {"prototype": "cosine head (prototypes)", "ocsoftmax": "cosine head (one-class softmax)", "head": "ai head",
-           "last_block": "ai head + layer4", "input_layers": "stem + layer1"}
+           "last_block": "ai head + its own layer4", "input_layers": "stem + layer1"}
 OC_MARGINS, OC_ALPHA = (0.9, 0.2), 20.0   # human cosine above 0.9, AI below 0.2 (Zhang et al. 2021)
 
 
@@ -235,11 +237,11 @@ def replay_clips(store: Path, stored: list[Clip], new_files: set[str],
 @torch.no_grad()
 def cache_inputs(model: Detector, waves: np.ndarray, params: Params, upto: str, device, seed: int) -> torch.Tensor:
     """Per segment, with the spectrogram part of the recipe: the front end's output (upto="input"),
-    layer3's (upto="layer3") or the trunk embedding (upto="embedding"), through production's frozen layers."""
+    layer3's (upto="layer3") or the ai head's embedding (upto="embedding"), through production's frozen layers."""
     front_end = FrontEnd(params.audio, model.meta.feature_config()).to(device)  # production's own front end
     rng = np.random.default_rng(seed)
     model = model.to(device).eval()
-    frozen = {"input": lambda x: x, "layer3": model.trunk.to_layer3, "embedding": model.trunk}[upto]
+    frozen = {"input": lambda x: x, "layer3": model.trunk.to_layer3, "embedding": model.embed}[upto]
     out = []
     for i in range(0, len(waves), 64):
         x = augment_spec(front_end(torch.from_numpy(waves[i:i + 64]).to(device)), params.augment, rng)  # (B, 1, bins, T)
@@ -249,33 +251,38 @@ def cache_inputs(model: Detector, waves: np.ndarray, params: Params, upto: str, 
 
 @torch.no_grad()
 def teacher_outputs(model: Detector, x: torch.Tensor, device, upto: str = "layer3") -> dict[str, torch.Tensor]:
-    """Production's log-probabilities of every head on cached inputs (layer3 outputs, or front-end outputs
-    with upto="input")."""
+    """Production's log-probabilities of every head on cached inputs. On layer3 outputs (last_block) every
+    head reads production's ai-branch embedding, the one the trained copy of layer4 starts from; on
+    front-end outputs (input_layers) each head reads the embedding it reads in production."""
     model = model.to(device).eval()
     parts = []
     for i in range(0, len(x), 64):
         xb = x[i:i + 64].to(device)
-        emb = model.trunk.from_layer3(xb) if upto == "layer3" else model.trunk(xb)
-        parts.append({k: F.log_softmax(h(emb), -1).cpu() for k, h in model.heads.items()})
+        shared, ai = model.embeddings_from_layer3(xb if upto == "layer3" else model.trunk.to_layer3(xb))
+        emb = {"ai": ai} | ({} if upto == "input" else {k: ai for k in model.heads})
+        parts.append({k: F.log_softmax(h(emb.get(k, shared)), -1).cpu() for k, h in model.heads.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # ---------------------------------------------------------------------------------------- recipes
 
 class Adapter(nn.Module):
-    """The trainable part of the gradient recipes, on cached inputs: the ai head (recipe head), layer4 +
-    the ai head (last_block), or the stem and layer1 in front of production's frozen rest (input_layers).
-    Frozen copies of the other heads give the distillation loss."""
+    """The trainable part of the gradient recipes, on cached inputs: the ai head (recipe head), a copy of
+    the ai head's layer4 + the ai head (last_block), or the stem and layer1 in front of production's frozen
+    rest (input_layers). Frozen copies of the other heads give the distillation loss."""
 
     def __init__(self, model: Detector, recipe: str) -> None:
         super().__init__()
         self.recipe = recipe
-        self.layer4 = copy.deepcopy(model.trunk.layer4) if recipe == "last_block" else None
+        self.layer4 = copy.deepcopy(model.ai_layer4_or_shared()) if recipe == "last_block" else None
         self.trunk = copy.deepcopy(model.trunk) if recipe == "input_layers" else None
+        self.ai_layer4 = None
         if self.trunk is not None:
             self.trunk.requires_grad_(False)
             for part in (self.trunk.conv1, self.trunk.bn1, self.trunk.layer1):
                 part.requires_grad_(True)
+            if model.ai_layer4 is not None:   # production's ai branch, frozen behind the new stem
+                self.ai_layer4 = copy.deepcopy(model.ai_layer4).requires_grad_(False)
         self.dropout = copy.deepcopy(model.dropout)
         self.head = copy.deepcopy(model.heads["ai"])
         self.head.requires_grad_(recipe != "input_layers")
@@ -286,16 +293,26 @@ class Adapter(nn.Module):
 
     def train(self, mode: bool = True) -> "Adapter":
         super().train(mode)
-        if self.trunk is not None:
-            self.trunk.eval()   # batch-norm statistics stay production's
+        for frozen in (self.trunk, self.ai_layer4):
+            if frozen is not None:
+                frozen.eval()   # batch-norm statistics stay production's
         return self
 
-    def embed(self, cached: torch.Tensor) -> torch.Tensor:
-        if self.trunk is not None:
-            return self.trunk(cached)  # cached: (B, 1, bins, T) front-end output
+    def embeddings(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding the other heads are distilled on, the ai head's embedding)."""
+        if self.trunk is not None:   # cached: (B, 1, bins, T) front-end output
+            if self.ai_layer4 is None:
+                emb = self.trunk(cached)
+                return emb, emb
+            x3 = self.trunk.to_layer3(cached)
+            return self.trunk.from_layer3(x3), torch.flatten(F.adaptive_avg_pool2d(self.ai_layer4(x3), 1), 1)
         if self.layer4 is None:
-            return cached
-        return torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, bins/16, T/16)
+            return cached, cached
+        emb = torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, bins/16, T/16)
+        return emb, emb
+
+    def embed(self, cached: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(cached)[1]
 
     def forward(self, cached: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(cached)))  # (B, 2)
@@ -331,12 +348,12 @@ def train_adapter(model: Detector, cached: torch.Tensor, data: Data, train_mask:
         order = torch.randperm(len(y_tr), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            emb = adapter.embed(x_tr[idx].to(device))
+            shared, emb = adapter.embeddings(x_tr[idx].to(device))
             w = w_tr[idx].to(device)
             loss = (F.cross_entropy(adapter.head(adapter.dropout(emb)), y_tr[idx].to(device), reduction="none") * w).sum() / w.sum()
             if teacher is not None:
                 loss = loss + cfg.distill_weight * sum(
-                    F.kl_div(F.log_softmax(h(emb), -1), teacher[k][idx].to(device), reduction="batchmean", log_target=True)
+                    F.kl_div(F.log_softmax(h(shared), -1), teacher[k][idx].to(device), reduction="batchmean", log_target=True)
                     for k, h in adapter.other_heads.items())
                 old = replay[idx].to(device)
                 if cfg.distill_ai and old.any():   # learning without forgetting: replay keeps production's ai output
@@ -365,11 +382,12 @@ def train_adapter(model: Detector, cached: torch.Tensor, data: Data, train_mask:
 
 
 def merge(model: Detector, adapter: Adapter) -> Detector:
-    """A new detector: the production model with the adapter's trained weights."""
-    merged = copy.deepcopy(model).cpu()
+    """A new detector: the production model with the adapter's trained weights (a trained layer4 becomes
+    the ai branch's; the trunk's own layer4 stays production's)."""
+    merged = (model.with_ai_branch() if adapter.layer4 is not None else copy.deepcopy(model)).cpu()
     merged.heads["ai"].load_state_dict(adapter.head.state_dict())
     if adapter.layer4 is not None:
-        merged.trunk.layer4.load_state_dict(adapter.layer4.state_dict())
+        merged.ai_layer4.load_state_dict(adapter.layer4.state_dict())
     if adapter.trunk is not None:
         for name in ("conv1", "bn1", "layer1"):
             getattr(merged.trunk, name).load_state_dict(getattr(adapter.trunk, name).state_dict())

@@ -69,12 +69,13 @@ def frozen_parts_unchanged(candidate: Detector, production: Detector, trained: s
     same = lambda keep: all(torch.equal(cand[k], prod[k]) for k in prod if keep(k))
     checks = {"heads.language": same(lambda k: k.startswith("heads.language")),
               "heads.speakers": same(lambda k: k.startswith("heads.speakers"))}
-    if "layer4" in trained:
-        checks["trunk (except layer4)"] = same(lambda k: k.startswith("trunk.") and not k.startswith("trunk.layer4"))
-    elif "layer1" in trained:
-        checks["trunk (layer2..layer4)"] = same(lambda k: k.startswith(("trunk.layer2", "trunk.layer3", "trunk.layer4")))
-    else:
+    if "layer4" in trained:   # the ai head's own layer4 trained; everything the other heads read is production's
         checks["trunk"] = same(lambda k: k.startswith("trunk."))
+    elif "layer1" in trained:
+        checks["trunk (layer2..layer4)"] = same(lambda k: k.startswith(("trunk.layer2", "trunk.layer3", "trunk.layer4",
+                                                                        "ai_layer4.")))
+    else:
+        checks["trunk"] = same(lambda k: k.startswith(("trunk.", "ai_layer4.")))
     if "cosine" in trained:
         checks["heads.ai"] = same(lambda k: k.startswith("heads.ai"))
     return checks
