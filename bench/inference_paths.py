@@ -1,7 +1,9 @@
 """CPU inference paths of the scoring model, the model alone (log-mel batches in, the three heads out):
 eager (the layout training uses), channels_last (what `detect` and `serve` use), torch.compile, and, where
-`onnx` and `onnxruntime` are importable, ONNX Runtime fp32 and int8 (dynamic quantisation). Windows/s per
-path and the largest AI-score difference from eager, all in one process, interleaved rounds, median.
+`onnx` and `onnxruntime` are importable, ONNX Runtime fp32 and int8 (dynamic quantisation); with
+--ai-branch, channels_last again for the same model with its ai head's own layer4 (what a `last_block`
+retrain serves: layer4 runs twice). Windows/s per path and the largest AI-score difference from eager,
+all in one process, interleaved rounds, median.
 
     python bench/inference_paths.py --model models/production.pt --batch 16 --threads 1
 
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first call compiles for ~1 min)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--ai-branch", action="store_true", help="also the model with an ai branch (Detector.with_ai_branch)")
     ap.add_argument("--out", type=Path, default=RESULTS / "inference_paths.json")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ref = eager(x).numpy()
         notes, diffs = {}, {"eager": 0.0, "channels_last": float(np.abs(cl(xcl).numpy() - ref).max())}
+    if args.ai_branch:   # same weights in the branch: same scores, the cost of running layer4 twice
+        branch = ai_prob(base.with_ai_branch().eval().to(memory_format=torch.channels_last))
+        with torch.inference_mode():
+            diffs["channels_last + ai branch"] = float(np.abs(branch(xcl).numpy() - ref).max())
+        paths["channels_last + ai branch"] = lambda: branch(xcl)
     if not args.no_compile:
         t = time.perf_counter()
         compiled = torch.compile(ai_prob(base))
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         notes["torch.compile"] = f"first call (compiling) {time.perf_counter() - t:.0f} s"
         paths["torch.compile"] = lambda: compiled(x)
     try:
+        if args.no_onnx:
+            raise ImportError("--no-onnx")
         import onnx  # noqa: F401  (the exporter needs it)
         import onnxruntime as ort
     except ImportError as exc:

@@ -259,9 +259,11 @@ class FinetuneConfig(Section):
     """Fine-tuning the production model on new samples plus a replay set (pipeline.training.finetune).
 
     recipe: prototype | ocsoftmax (a cosine head, no trunk change), head (the ai head), last_block
-    (layer4 + ai head), input_layers (stem + layer1). Humans of the store's train split are divided by
-    speaker into replay and early stopping (val_fraction); the threshold is calibrated on a speaker-
-    disjoint part (calibration_fraction) of the test split's humans, and the gates judge the rest."""
+    (the ai head's own copy of layer4 + ai head), input_layers (stem + layer1). Humans of the store's
+    train split are divided by speaker into replay and early stopping (val_fraction). The threshold is
+    calibrated on the test split's humans: on all of them, with the gates judging its human FPR cross-
+    fitted over calibration_folds speaker-disjoint parts; or (calibration_folds 0) on a speaker-disjoint
+    part (calibration_fraction), with the gates judging the rest."""
 
     base_model: str = "models/production.pt"
     out: str = "models/candidate.pt"
@@ -280,11 +282,20 @@ class FinetuneConfig(Section):
     distill_ai: float = Field(3.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps the ai "
                               "head's output on the replay (humans, earlier AI) as production's")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="train-split humans (by speaker, and copies) for early stopping")
-    calibration_fraction: float = Field(0.4, gt=0, lt=1, description="test-split humans (by speaker) for threshold "
-                                        "calibration; never trained on by production or the candidate")
+    calibration_folds: int = Field(2, ge=0, description="the threshold is calibrated on all test-split humans and the "
+                                   "gates judge its human FPR cross-fitted over this many speaker-disjoint parts; 0: "
+                                   "calibrated on calibration_fraction of them, the gates judge the rest")
+    calibration_fraction: float = Field(0.4, gt=0, lt=1, description="calibration_folds 0: test-split humans (by "
+                                        "speaker) for threshold calibration; never trained on by production or the candidate")
     patience: int = Field(10, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.calibration_folds == 1:
+            raise ValueError("calibration_folds must be 0 (a held-out part) or >= 2 (cross-fitted)")
+        return self
 
 
 class GatesConfig(Section):

@@ -100,3 +100,24 @@ def test_eer_matches_the_crossing_of_the_error_rates_on_random_scores():
         grid = np.unique(np.r_[s, np.inf])
         both = [max((s[y == 0] >= t).mean(), (s[y == 1] < t).mean()) for t in grid]
         assert min(both) >= eer - 1e-12, f"trial {trial}: a threshold beats EER {eer}: max error {min(both)}"
+
+
+def test_crossfit_judges_each_speaker_at_a_threshold_it_took_no_part_in():
+    from pathlib import Path as P
+
+    from pipeline.core.data import Clip
+    from pipeline.training.calibration import crossfit_fpr
+
+    # given: 40 humans of 10 speakers; speaker s9's clips score far above everyone else's
+    clips = [Clip(P(f"/h/{i}.wav"), 0, "human", f"s{i % 10}", "en", "src") for i in range(40)]
+    scores = [0.99 if c.speaker == "s9" else 0.1 for c in clips]
+    r = crossfit_fpr(clips, scores, 0.0, folds=2, seed=0)
+    # then: every human is judged once, by a threshold calibrated on the other part only
+    assert r["n"] == 40 and sum(f["n"] for f in r["per_fold"]) == 40
+    assert all(f["calibrated_on"] == 40 - f["n"] for f in r["per_fold"])
+    # s9's 4 clips sit in one part: the other part's threshold (target 0: above its top score) lets them all through,
+    # which calibrating and judging on the same humans (0 of 40 at or above the top score's threshold) would hide
+    assert r["k"] == 4 and r["value"] == 0.1 and r["high"] > 0.1, r
+    assert max(scores) < threshold_at_fpr(scores, 0.0), "in sample, nobody passes"
+    with pytest.raises(ValueError, match="folds"):
+        crossfit_fpr(clips, scores, 0.0, folds=1, seed=0)

@@ -126,6 +126,28 @@ def test_test_split_clips_of_the_new_generator_are_never_trained_on(project, sma
     assert all(r["trained_on_it"] for r in verdict["before_after"] if r["file"] != sha[:16])
 
 
+def test_the_served_threshold_is_judged_on_humans_it_was_not_calibrated_on(project, small_corpus, tiny_params):
+    from pipeline.training.validate import validate
+
+    params = _with_recipe(tiny_params, "head")
+    base = _store_with_new_samples(small_corpus, params)
+    test_humans = {c.sha256 for c in read_corpus(Path(params.ingest.store)) if c.split == "test" and c.label == 0}
+    for folds in (2, 0):
+        # when: the threshold is calibrated on all test humans (cross-fitted gate), or on a part of them
+        p = _with_recipe(params, "head", calibration_folds=folds)
+        candidate, report = finetune(base, p)
+        cal, fpr = report["calibration"], validate(candidate, base, report, p)["models"]["candidate"]["fpr"]
+        if folds:
+            # then: every test human is judged, each at a threshold calibrated on the other speakers
+            assert cal["mode"] == "crossfit" and set(cal["clips"]) == test_humans, cal["mode"]
+            assert fpr["n"] == len(test_humans) and fpr["folds"] == 2, fpr
+            assert all(f["calibrated_on"] == fpr["n"] - f["n"] for f in fpr["per_fold"])
+        else:
+            # or only the humans the threshold never saw
+            assert cal["mode"] == "holdout" and set(cal["clips"]) < test_humans
+            assert fpr["n"] == len(test_humans - set(cal["clips"])) and "folds" not in fpr, fpr
+
+
 def test_augment_never_copies_test_split_clips_of_the_new_generator(project, small_corpus, tiny_params):
     # given three clips of the new generator, one of them placed in the test split at ingest
     new = sorted(small_corpus.new_generator_dir.glob("*.wav"))[:3]

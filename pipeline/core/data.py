@@ -241,6 +241,29 @@ def split_groups(clips: list[Clip], val_fraction: float, seed: int, by: SplitBy 
     return train, val
 
 
+def speaker_parts(clips: list[Clip], fractions: tuple[float, ...], seed: int) -> list[list[Clip]]:
+    """Speaker-disjoint parts of one class (placeholder speakers count per file): part i+1 gets about
+    fractions[i] of the clips, whole speakers at a time in seeded order (never more than 1.5x its share),
+    part 0 the rest. With too few speakers, an empty part gets part 0's clips."""
+    groups: dict[str, list[Clip]] = defaultdict(list)
+    for c in clips:
+        groups[group_key(c, "speaker")].append(c)
+    keys = sorted(groups)
+    np.random.default_rng(seed).shuffle(keys)
+    targets = [f * len(clips) for f in fractions]
+    parts: list[list[Clip]] = [[] for _ in range(len(fractions) + 1)]
+    for key in keys:
+        size = len(groups[key])
+        room = [i for i, t in enumerate(targets, start=1) if len(parts[i]) < t and len(parts[i]) + size <= 1.5 * t]
+        if len(keys) > len(fractions) and room:
+            parts[min(room, key=lambda i: len(parts[i]) / targets[i - 1])].extend(groups[key])
+        else:
+            parts[0].extend(groups[key])
+    if not parts[0]:   # every speaker went to the held-out parts: give training its share back
+        parts[0] = parts[1]
+    return [p if p else parts[0] for p in parts]
+
+
 def split_by_speaker(clips: list[Clip], val_fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
     """Speaker- and file-disjoint train/validation split (see split_groups)."""
     return split_groups(clips, val_fraction, seed, "speaker")

@@ -18,7 +18,7 @@ from pipeline.faults import fault_point
 from pipeline.training.plots import write_plots
 from pipeline.training.report import describe_candidate
 from pipeline.stages.common import stage_main, write_json
-from pipeline.training.validate import gate_data_key, held_out_clips, validate
+from pipeline.training.validate import gate_clips, gate_data_key, validate
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def run(params: Params) -> dict:
     if mismatch:   # the gates compare both models at one human FPR; production's own threshold is only reported
         log.warning("production's threshold was calibrated with other scoring settings: %s", mismatch)
     finetune_report = json.loads(Path(params.finetune.report).read_text())
-    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
-                               set(finetune_report["calibration"].get("clips", [])))
+    test, new = gate_clips(Path(params.ingest.store), finetune_report)
     key = gate_data_key(test, new)
     earlier = registry.count_versions("gate_data", key, params.registry.model_name, exclude_checkpoint=params.finetune.out)
     result = validate(candidate, production, finetune_report, params, earlier_tries=earlier)

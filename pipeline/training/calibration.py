@@ -1,5 +1,6 @@
 """The served threshold: calibrated on held-out humans to a target false-positive rate, with the
-evidence it rests on (how many humans, from how many sources, the interval of the rate it achieves)."""
+evidence it rests on (how many humans, from how many sources, the interval of the rate it achieves),
+and an out-of-sample estimate of the human FPR that calibration gives (`crossfit_fpr`)."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ import logging
 import numpy as np
 
 from pipeline.config import CalibrationConfig
+from pipeline.core.data import Clip, speaker_parts
 from pipeline.core.metrics import rate, threshold_at_fpr
 
 log = logging.getLogger(__name__)
@@ -29,3 +31,24 @@ def calibrate(human_scores: list[float], cfg: CalibrationConfig, sources: set[st
     return {"threshold": float(threshold), "target_fpr": cfg.target_fpr, "n_humans": int(len(h)),
             "n_sources": len(sources) if sources is not None else None,
             "fpr": rate(int((h >= threshold).sum()), len(h)), "warnings": warnings}
+
+
+def crossfit_fpr(clips: list[Clip], scores: list[float], target_fpr: float, folds: int, seed: int) -> dict:
+    """The human FPR of this calibration, measured on humans it did not see: the humans are split by
+    speaker into `folds` parts, and each part is judged at the threshold calibrated (to target_fpr) on
+    the other parts. Every human is judged once, by a threshold it took no part in; the served threshold,
+    calibrated on all of them, rests on more humans than each fold's, so this errs on the pessimistic side."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs >= 2 folds, got {folds}")
+    by_clip = {id(c): s for c, s in zip(clips, scores)}
+    parts = speaker_parts(clips, (1 / folds,) * (folds - 1), seed)
+    if len({tuple(map(id, p)) for p in parts}) < folds:
+        raise ValueError(f"{len(clips)} humans cannot be split by speaker into {folds} parts")
+    rows, k = [], 0
+    for i, part in enumerate(parts):
+        rest = [by_clip[id(c)] for j, other in enumerate(parts) if j != i for c in other]
+        thr = threshold_at_fpr(rest, target_fpr)
+        flagged = int(sum(by_clip[id(c)] >= thr for c in part))
+        k += flagged
+        rows.append({"n": len(part), "flagged": flagged, "threshold": float(thr), "calibrated_on": len(rest)})
+    return rate(k, len(clips)) | {"folds": folds, "per_fold": rows}

@@ -5,8 +5,10 @@ source (train split only, source-balanced random crops, augmented the same way, 
 cannot become an AI cue): humans and earlier AI generators, with the vocoded twins of those humans
 counted as earlier AI (`replay_twins`), as the base saw them. The train split's humans are split by
 speaker into replay and early stopping. The threshold is calibrated on humans that neither production
-nor the candidate ever trained on: a speaker-disjoint part (`calibration_fraction`) of the test split's
-humans; the validate stage judges the candidate on the rest. (A threshold set on humans the trunk was
+nor the candidate ever trained on, the test split's: on all of them, and the validate stage judges the
+human FPR this calibration gives cross-fitted by speaker (`calibration_folds`: each part judged at a
+threshold calibrated on the others); or (`calibration_folds` 0) on a speaker-disjoint part
+(`calibration_fraction`), and validate judges on the rest. (A threshold set on humans the trunk was
 trained on is too low for new speakers.) The loss is class-balanced, and within the AI class the new
 samples carry `new_share`.
 
@@ -49,7 +51,7 @@ from torch import nn
 from pipeline.config import Params
 from pipeline.core.audio import AudioError, load_audio
 from pipeline.core.augment import augment_spec, augment_wave
-from pipeline.core.data import Clip, CorpusError, check_labels, group_key, load_clips, read_corpus
+from pipeline.core.data import Clip, CorpusError, check_labels, load_clips, read_corpus, speaker_parts
 from pipeline.core.features import FrontEnd, random_crop
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import AI_LABEL, CosineHead, Detector
@@ -137,29 +139,6 @@ def loss_weights(labels: np.ndarray, is_new: np.ndarray, new_share: float) -> to
     return torch.from_numpy(w * len(w) / w.sum()).float()
 
 
-def speaker_parts(clips: list[Clip], fractions: tuple[float, ...], seed: int) -> list[list[Clip]]:
-    """Speaker-disjoint parts of one class (placeholder speakers count per file): part i+1 gets about
-    fractions[i] of the clips, whole speakers at a time in seeded order (never more than 1.5x its share),
-    part 0 the rest. With too few speakers, an empty part gets part 0's clips."""
-    groups: dict[str, list[Clip]] = defaultdict(list)
-    for c in clips:
-        groups[group_key(c, "speaker")].append(c)
-    keys = sorted(groups)
-    np.random.default_rng(seed).shuffle(keys)
-    targets = [f * len(clips) for f in fractions]
-    parts: list[list[Clip]] = [[] for _ in range(len(fractions) + 1)]
-    for key in keys:
-        size = len(groups[key])
-        room = [i for i, t in enumerate(targets, start=1) if len(parts[i]) < t and len(parts[i]) + size <= 1.5 * t]
-        if len(keys) > len(fractions) and room:
-            parts[min(room, key=lambda i: len(parts[i]) / targets[i - 1])].extend(groups[key])
-        else:
-            parts[0].extend(groups[key])
-    if not parts[0]:   # every speaker went to the held-out parts: give training its share back
-        parts[0] = parts[1]
-    return [p if p else parts[0] for p in parts]
-
-
 # ------------------------------------------------------------------------------------------ data
 
 @dataclass
@@ -182,7 +161,7 @@ def prepare(params: Params) -> Data:
     stored = read_corpus(store)
     humans, earlier_ai = replay_clips(store, stored, set(generators), params.twins.out if cfg.replay_twins else None)
     h_train, h_stop = speaker_parts(humans, (cfg.val_fraction,), cfg.seed)
-    h_cal = calibration_humans(stored, cfg.calibration_fraction, cfg.seed)
+    h_cal = calibration_humans(stored, cfg.calibration_fraction if cfg.calibration_folds == 0 else 1.0, cfg.seed)
     if not h_cal:
         log.warning("the store's test split holds no humans: calibrating on held-out speakers of the train split, "
                     "which the production trunk was trained on (the threshold may be too low for new speakers)")
@@ -209,11 +188,12 @@ def prepare(params: Params) -> Data:
 
 
 def calibration_humans(stored: list[Clip], fraction: float, seed: int) -> list[Clip]:
-    """The test split's humans set aside for threshold calibration: `fraction` of them, whole speakers.
-    The report lists them (calibration.clips), so that the validate stage judges on the others only."""
+    """The test split's humans the threshold is calibrated on: all of them (fraction 1.0; the gates then
+    cross-fit), or `fraction` of them, whole speakers. The report lists them (calibration.clips), so that
+    in the second case the validate stage judges on the others only."""
     test_humans = [c for c in stored if c.split == "test" and c.label != AI_LABEL]
-    if not test_humans:
-        return []
+    if not test_humans or fraction >= 1.0:
+        return test_humans
     return speaker_parts(test_humans, (fraction,), seed)[1]
 
 
@@ -483,6 +463,10 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
                                          threshold_scoring=scoring_settings(params))
     lofo = leave_one_file_out(model, cached, data, params, device)
     calibration["clips"] = sorted(it.clip.sha256 for it in data.calibration)
+    if cfg.calibration_folds and data.counts["calibration_from"] == "test split":   # the gates judge these humans
+        calibration |= {"mode": "crossfit", "folds": cfg.calibration_folds, "seed": cfg.seed}
+    else:
+        calibration["mode"] = "holdout"
     report = {
         "recipe": cfg.recipe, "trained": TRAINED[cfg.recipe], "segments": data.counts,
         "new_generators": sorted(set(data.generators.values())), "history": history,

@@ -1,7 +1,10 @@
 """Validation: the candidate AND the production model on the same held-out data, and the gates.
 
-Held-out data: the store's `test` split (humans never trained on, earlier AI generators) less the
-humans the candidate's threshold was calibrated on, and the new generator's files. The candidate is
+Held-out data: the store's `test` split (humans never trained on, earlier AI generators) and the new
+generator's files. The candidate's threshold was calibrated on the test humans: on all of them, and its
+human FPR is then judged cross-fitted by speaker (each part at a threshold calibrated on the others,
+pipeline.training.calibration.crossfit_fpr); or on a part of them (`finetune.calibration_folds` 0),
+which is then left out here. The candidate is
 judged on the new files it trained on leave-one-file-out (each scored by a candidate made without it,
 at that candidate's own calibrated threshold: pipeline.training.finetune), and on the new generator's
 test-split files (never trained on) directly; production scores them all directly. Every rate carries its count and 95 % Wilson interval.
@@ -25,6 +28,7 @@ from pipeline.core.metrics import compute_eer, rate, recall_at_fpr, threshold_at
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
 from pipeline.progress import progress
+from pipeline.training.calibration import crossfit_fpr
 from pipeline.training.evaluate import evaluate
 
 PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
@@ -40,6 +44,15 @@ def held_out_clips(store: Path, new_generators: set[str], calibration: set[str] 
     if not new:
         raise CorpusError(f"{store}: no clips of the new generator(s) {', '.join(sorted(new_generators))}")
     return test, new
+
+
+def gate_clips(store: Path, finetune_report: dict) -> tuple[list[Clip], list[Clip]]:
+    """held_out_clips for this fine-tuning report: the humans its threshold was calibrated on are left
+    out, unless the calibration is judged cross-fitted (calibration mode "crossfit")."""
+    calibration = finetune_report["calibration"]
+    crossfit = calibration.get("mode") == "crossfit"
+    return held_out_clips(store, set(finetune_report["new_generators"]),
+                          set() if crossfit else set(calibration.get("clips", [])))
 
 
 def gate_data_key(test: list[Clip], new: list[Clip]) -> str:
@@ -136,8 +149,9 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     """Metrics of both models on the same held-out data, the operating-point table, the before/after
     table, and the verdict. `earlier_tries`: candidates already judged on this gate data."""
     gates = params.validation.gates
-    test, new = held_out_clips(Path(params.ingest.store), set(finetune_report["new_generators"]),
-                               set(finetune_report["calibration"].get("clips", [])))
+    calibration = finetune_report["calibration"]
+    crossfit = calibration.get("mode") == "crossfit"
+    test, new = gate_clips(Path(params.ingest.store), finetune_report)
     lofo = finetune_report["lofo"]["files"]
     out = {}
     for name, model in (("candidate", candidate), ("production", production)):
@@ -156,10 +170,15 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
         s, y = np.array(scores), np.array([c.label for c in kept])
         humans, earlier = s[y != AI_LABEL], s[y == AI_LABEL]
         tables = evaluate(kept + new_kept, scores + new_scores, thr)
+        fpr = rate(int((humans >= thr).sum()), len(humans))
+        if name == "candidate" and crossfit:   # the served threshold saw these humans: judge the calibration out of sample
+            h_clips = [c for c in kept if c.label != AI_LABEL]
+            fpr = crossfit_fpr(h_clips, humans.tolist(), calibration["target_fpr"], calibration["folds"],
+                               calibration["seed"]) | {"in_sample": fpr}
         out[name] = {
             "threshold": thr, "eer": compute_eer(s, y)[0], "auc": tables["overall"]["auc"],
             "earlier_at_fpr": recall_at_fpr(s, y, gates.compare_at_fpr),
-            "fpr": rate(int((humans >= thr).sum()), len(humans)), "recall": rate(int((earlier >= thr).sum()), len(earlier)),
+            "fpr": fpr, "recall": rate(int((earlier >= thr).sum()), len(earlier)),
             "new_recall": rate(int(sum(caught)), len(caught)), "n_test": len(kept), "n_new": len(new_kept),
             "operating_points": operating_points(humans, np.array(new_scores), earlier, gates.operating_points),
             "tables": tables, "scores": scores, "new_scores": new_scores, "labels": [c.label for c in kept],
@@ -171,8 +190,11 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     cand, prod = out["candidate"], out["production"]
     agree = {h: float(np.mean([a == b for a, b in zip(cand[h], prod[h])])) for h in ("language", "speakers")}
     frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"])
-    evidence = {"new_files": cand["n_new"], "calibration_humans": finetune_report["calibration"]["n_humans"],
-                "calibration_sources": finetune_report["calibration"].get("n_sources"), "test_humans": cand["fpr"]["n"],
+    evidence = {"new_files": cand["n_new"], "calibration_humans": calibration["n_humans"],
+                "calibration_sources": calibration.get("n_sources"), "test_humans": cand["fpr"]["n"],
+                "human_fpr_method": (f"{cand['fpr']['folds']}-fold cross-fitted by speaker (the served threshold is "
+                                     "calibrated on all test humans)" if crossfit else
+                                     "at the served threshold, on test humans it was not calibrated on"),
                 "test_ai": cand["recall"]["n"]}
     key = gate_data_key(test, new)
     verdict = judge(cand, prod, frozen, evidence, earlier_tries + 1, gates)
