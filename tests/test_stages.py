@@ -421,6 +421,19 @@ def test_too_little_evidence_is_never_a_pass(evidence, missing):
     assert missing in verdict["missing_evidence"][0], f"the verdict says what is missing: {verdict['missing_evidence']}"
 
 
+def test_a_human_fpr_that_cannot_be_cross_fitted_is_missing_evidence():
+    from pipeline.training.calibration import crossfit_fpr
+
+    one_speaker = [Clip(Path(f"/h/{i}.wav"), 0, "human", "allison", "en", "src") for i in range(60)]
+    with pytest.raises(ValueError, match="1 speaker"):
+        crossfit_fpr(one_speaker, [0.1] * 60, 0.01, folds=2, seed=0)
+    cand = _metrics(0.01, 0.0, 1.0)
+    cand["fpr"] |= {"unavailable": "60 test humans of 1 speaker(s) cannot be split by speaker into 2 parts"}
+    verdict = judge(cand, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 1, GatesConfig())
+    assert verdict["status"] == INSUFFICIENT, "an FPR the threshold was fitted on is not evidence"
+    assert "no out-of-sample human FPR" in verdict["missing_evidence"][0], verdict["missing_evidence"]
+
+
 def test_retries_on_the_same_gate_data_are_counted_and_bounded():
     good = _metrics(0.05, 0.005, 1.0)
     ok = judge(good, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 3, GatesConfig())

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from pipeline.config import CalibrationConfig
-from pipeline.core.data import Clip, speaker_parts
+from pipeline.core.data import Clip, group_key, speaker_parts
 from pipeline.core.metrics import rate, threshold_at_fpr
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def crossfit_fpr(clips: list[Clip], scores: list[float], target_fpr: float, fold
     by_clip = {id(c): s for c, s in zip(clips, scores)}
     parts = speaker_parts(clips, (1 / folds,) * (folds - 1), seed)
     if len({tuple(map(id, p)) for p in parts}) < folds:
-        raise ValueError(f"{len(clips)} humans cannot be split by speaker into {folds} parts")
+        raise ValueError(f"{len(clips)} test humans of {len({group_key(c, 'speaker') for c in clips})} speaker(s) "
+                         f"cannot be split by speaker into {folds} parts")
     rows, k = [], 0
     for i, part in enumerate(parts):
         rest = [by_clip[id(c)] for j, other in enumerate(parts) if j != i for c in other]

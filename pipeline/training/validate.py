@@ -115,6 +115,9 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
     if evidence["calibration_humans"] < gates.min_calibration_humans:
         missing.append(f"threshold calibrated on {evidence['calibration_humans']} humans, need >= "
                        f"{gates.min_calibration_humans} (ingest more human speech)")
+    if "unavailable" in cand["fpr"]:
+        missing.append(f"no out-of-sample human FPR: {cand['fpr']['unavailable']} (ingest test-split human speech "
+                       "of more speakers, or set finetune.calibration_folds: 0)")
     end = lambda r, name, high: (r["high"] if high else r["low"]) if name in gates.pessimistic else r["value"]
     fpr_used = end(cand["fpr"], "human_fpr", True)
     recall_used = end(cand["new_recall"], "new_recall", False)
@@ -173,8 +176,11 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
         fpr = rate(int((humans >= thr).sum()), len(humans))
         if name == "candidate" and crossfit:   # the served threshold saw these humans: judge the calibration out of sample
             h_clips = [c for c in kept if c.label != AI_LABEL]
-            fpr = crossfit_fpr(h_clips, humans.tolist(), calibration["target_fpr"], calibration["folds"],
-                               calibration["seed"]) | {"in_sample": fpr}
+            try:
+                fpr = crossfit_fpr(h_clips, humans.tolist(), calibration["target_fpr"], calibration["folds"],
+                                   calibration["seed"]) | {"in_sample": fpr}
+            except ValueError as err:   # too few speakers: the in-sample rate is shown, the verdict lacks evidence
+                fpr = fpr | {"unavailable": str(err)}
         out[name] = {
             "threshold": thr, "eer": compute_eer(s, y)[0], "auc": tables["overall"]["auc"],
             "earlier_at_fpr": recall_at_fpr(s, y, gates.compare_at_fpr),
@@ -192,7 +198,8 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     frozen = frozen_parts_unchanged(candidate, production, finetune_report["trained"])
     evidence = {"new_files": cand["n_new"], "calibration_humans": calibration["n_humans"],
                 "calibration_sources": calibration.get("n_sources"), "test_humans": cand["fpr"]["n"],
-                "human_fpr_method": (f"{cand['fpr']['folds']}-fold cross-fitted by speaker (the served threshold is "
+                "human_fpr_method": ("none: " + cand["fpr"]["unavailable"] if "unavailable" in cand["fpr"] else
+                                     f"{cand['fpr']['folds']}-fold cross-fitted by speaker (the served threshold is "
                                      "calibrated on all test humans)" if crossfit else
                                      "at the served threshold, on test humans it was not calibrated on"),
                 "test_ai": cand["recall"]["n"]}
