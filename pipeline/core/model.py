@@ -146,7 +146,7 @@ class CosineHead(nn.Module):
 
 
 class Detector(nn.Module):
-    """Trunk + three heads (+ an optional cosine head); forward returns logits per head."""
+    """Trunk + three heads (+ an optional cosine head, + an optional ai branch); forward returns logits per head."""
 
     def __init__(self, meta: ModelMeta) -> None:
         super().__init__()
