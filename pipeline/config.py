@@ -313,6 +313,8 @@ class GatesConfig(Section):
     max_recall_drop: float = Field(0.05, ge=0, le=1, description="recall on earlier AI generators at compare_at_fpr may "
                                    "fall this much below production's (no forgetting)")
     max_eer_increase: float = Field(0.01, ge=0, le=1)
+    eer_step_floor: bool = Field(True, description="the EER tolerance is at least one clip of the test split's smaller "
+                                 "class: the EER moves in steps of about 1/n, and a smaller tolerance refuses on one clip")
     frozen_heads_unchanged: bool = True
     max_head_accuracy_drop: float = Field(0.01, ge=0, le=1, description="language and speakers accuracy on held-out "
                                           "clips may fall this much below production's (they move when the trunk trains)")

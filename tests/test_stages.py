@@ -401,6 +401,20 @@ def test_gates_on_constructed_cases(cand, frozen, failed):
     assert len(verdict["reasons"]) == len(failed), "each failure has a reason"
 
 
+def test_the_eer_gate_tolerates_one_clip_of_the_smaller_class_unless_switched_off():
+    # given: 39 earlier-AI clips, so the EER moves in steps of about 1/39 = 0.026; a candidate one clip worse
+    cand, production = _metrics(0.0256, 0.005, 1.0), _metrics(0.0078, 0.02, 0.25)
+    evidence = ENOUGH | {"test_ai": 39, "test_humans": 257}
+    gate = judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig())["gates"]["eer_vs_production"]
+    assert gate["passed"] and gate["limit"] == pytest.approx(0.0078 + 1 / 39, abs=1e-4), gate
+    assert gate["tolerance"].endswith("one clip of 39"), gate
+    # two clips worse is refused; and with the floor off, the 0.01 tolerance refuses the one clip
+    worse = judge(_metrics(0.0078 + 2 / 39, 0.005, 1.0), production, {"trunk": True}, evidence, 1, GatesConfig())
+    assert not worse["gates"]["eer_vs_production"]["passed"]
+    strict = judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig(eer_step_floor=False))
+    assert not strict["gates"]["eer_vs_production"]["passed"] and "max_eer_increase" in strict["gates"]["eer_vs_production"]["tolerance"]
+
+
 def test_human_fpr_gate_reads_the_pessimistic_end_unless_switched_off():
     cand = _metrics(0.05, 0.045, 1.0)   # 9 of 200 humans: estimate 0.045, Wilson upper end 0.083
     production = _metrics(0.06, 0.045, 0.25)

@@ -121,13 +121,14 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
     end = lambda r, name, high: (r["high"] if high else r["low"]) if name in gates.pessimistic else r["value"]
     fpr_used = end(cand["fpr"], "human_fpr", True)
     recall_used = end(cand["new_recall"], "new_recall", False)
+    n_small = min(evidence.get("test_ai", 0), evidence.get("test_humans", 0))
+    eer_slack = max(gates.max_eer_increase, 1 / n_small) if gates.eer_step_floor and n_small else gates.max_eer_increase
     results = {
         "new_generator_recall": (recall_used, gates.min_new_recall, recall_used >= gates.min_new_recall, ">=", cand["new_recall"]),
         "human_fpr": (fpr_used, gates.max_human_fpr, fpr_used <= gates.max_human_fpr, "<=", cand["fpr"]),
         "earlier_ai_recall_vs_production": (cand["earlier_at_fpr"], prod["earlier_at_fpr"] - gates.max_recall_drop,
                                             cand["earlier_at_fpr"] >= prod["earlier_at_fpr"] - gates.max_recall_drop, ">=", None),
-        "eer_vs_production": (cand["eer"], prod["eer"] + gates.max_eer_increase,
-                              cand["eer"] <= prod["eer"] + gates.max_eer_increase, "<=", None),
+        "eer_vs_production": (cand["eer"], prod["eer"] + eer_slack, cand["eer"] <= prod["eer"] + eer_slack, "<=", None),
     } | {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
                                             acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=", None)
          for head, acc in sorted(cand["head_accuracy"].items())}
@@ -139,6 +140,8 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
         if r is not None:
             out[name] |= {"estimate": round(r["value"], 4), "interval": [round(r["low"], 4), round(r["high"], 4)],
                           "count": f"{r['k']}/{r['n']}", "gated_on": "pessimistic end" if v != r["value"] else "estimate"}
+    out["eer_vs_production"]["tolerance"] = (f"{eer_slack:.4f}: one clip of {n_small}" if eer_slack > gates.max_eer_increase
+                                             else f"{eer_slack:.4f}: max_eer_increase")
     if gates.frozen_heads_unchanged:
         out["frozen_weights_unchanged"] = {"value": frozen, "limit": "bit-identical", "passed": all(frozen.values()),
                                            "rule": "frozen parts bit-identical"}
