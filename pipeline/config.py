@@ -287,7 +287,7 @@ class FinetuneConfig(Section):
                                    "calibrated on calibration_fraction of them, the gates judge the rest")
     calibration_fraction: float = Field(0.4, gt=0, lt=1, description="calibration_folds 0: test-split humans (by "
                                         "speaker) for threshold calibration; never trained on by production or the candidate")
-    patience: int = Field(10, gt=0)
+    patience: int = Field(3, gt=0, description="epochs without a better early-stopping EER before stopping")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
