@@ -255,14 +255,11 @@ class Adapter(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.layer4 = copy.deepcopy(model.ai_layer4_or_shared()) if recipe == "last_block" else None
-        self.trunk = copy.deepcopy(model.trunk) if recipe == "input_layers" else None
-        self.ai_layer4 = None
-        if self.trunk is not None:
-            self.trunk.requires_grad_(False)
-            for part in (self.trunk.conv1, self.trunk.bn1, self.trunk.layer1):
+        self.net = copy.deepcopy(model) if recipe == "input_layers" else None   # its stem and layer1 train
+        if self.net is not None:
+            self.net.requires_grad_(False)
+            for part in (self.net.trunk.conv1, self.net.trunk.bn1, self.net.trunk.layer1):
                 part.requires_grad_(True)
-            if model.ai_layer4 is not None:   # production's ai branch, frozen behind the new stem
-                self.ai_layer4 = copy.deepcopy(model.ai_layer4).requires_grad_(False)
         self.dropout = copy.deepcopy(model.dropout)
         self.head = copy.deepcopy(model.heads["ai"])
         self.head.requires_grad_(recipe != "input_layers")
@@ -273,19 +270,14 @@ class Adapter(nn.Module):
 
     def train(self, mode: bool = True) -> "Adapter":
         super().train(mode)
-        for frozen in (self.trunk, self.ai_layer4):
-            if frozen is not None:
-                frozen.eval()   # batch-norm statistics stay production's
+        if self.net is not None:
+            self.net.eval()   # batch-norm statistics stay production's
         return self
 
     def embeddings(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding the other heads are distilled on, the ai head's embedding)."""
-        if self.trunk is not None:   # cached: (B, 1, bins, T) front-end output
-            if self.ai_layer4 is None:
-                emb = self.trunk(cached)
-                return emb, emb
-            x3 = self.trunk.to_layer3(cached)
-            return self.trunk.from_layer3(x3), torch.flatten(F.adaptive_avg_pool2d(self.ai_layer4(x3), 1), 1)
+        if self.net is not None:   # cached: (B, 1, bins, T) front-end output
+            return self.net.embeddings_from_layer3(self.net.trunk.to_layer3(cached))
         if self.layer4 is None:
             return cached, cached
         emb = torch.flatten(F.adaptive_avg_pool2d(self.layer4(cached), 1), 1)  # cached: (B, 4w, bins/16, T/16)
@@ -368,9 +360,9 @@ def merge(model: Detector, adapter: Adapter) -> Detector:
     merged.heads["ai"].load_state_dict(adapter.head.state_dict())
     if adapter.layer4 is not None:
         merged.ai_layer4.load_state_dict(adapter.layer4.state_dict())
-    if adapter.trunk is not None:
+    if adapter.net is not None:
         for name in ("conv1", "bn1", "layer1"):
-            getattr(merged.trunk, name).load_state_dict(getattr(adapter.trunk, name).state_dict())
+            getattr(merged.trunk, name).load_state_dict(getattr(adapter.net.trunk, name).state_dict())
     return merged.eval()
 
 
