@@ -1,4 +1,5 @@
 """Retraining stages on real audio: ingest, augment, finetune, validate gates."""
+import copy
 import hashlib
 import os
 import shutil
@@ -312,6 +313,33 @@ def test_last_block_finetune_trains_the_ai_heads_own_layer4_and_keeps_everything
     changed = _changed(candidate.state_dict(), again.state_dict())
     assert any(k.startswith("ai_layer4.") for k in changed) and not any(k.startswith("trunk.") for k in changed), \
         sorted(changed)
+
+
+@pytest.mark.parametrize("recipe, upto, trained", [("last_block", "layer3", "ai_layer4."),
+                                                    ("input_layers", "input", "trunk.conv1.")])
+def test_calibration_from_cached_windows_scores_as_detection_does(project, small_corpus, tiny_params, recipe, upto, trained):
+    from pipeline.core.scoring import score_model
+    from pipeline.training.finetune import calibration_scores, calibration_windows, prepare
+
+    # given: production, and a candidate whose trained part differs from it
+    params = _with_recipe(tiny_params, recipe)
+    base = _store_with_new_samples(small_corpus, params)
+    data = prepare(params)
+    candidate = base.with_ai_branch() if recipe == "last_block" else copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in candidate.named_parameters():
+            if name.startswith(trained):
+                p.add_(torch.randn_like(p) * 0.5)
+    # when: its calibration humans are scored from production's frozen part, computed once
+    cal = calibration_windows(base, data, params, "cpu")
+    cached = calibration_scores(candidate, cal, params, "cpu")
+    # then: each human's score is the one detection gives the candidate, not production's
+    waves = [it.wave for it in data.calibration]
+    direct = [s.ai_score for s in score_model(candidate, waves, params)]
+    production = [s.ai_score for s in score_model(base, waves, params)]
+    assert cal.upto == upto and len(cached) == len(waves) > 3
+    assert np.allclose(cached, direct, atol=1e-5), np.abs(np.array(cached) - direct).max()
+    assert not np.allclose(direct, production, atol=1e-3), "the candidate's own weights decide its scores"
 
 
 def test_distilling_the_ai_head_keeps_the_replay_scores_near_production(project, small_corpus, tiny_params):

@@ -193,10 +193,13 @@ class Detector(nn.Module):
                 torch.stack([torch.log(p), torch.log1p(-p)], -1)
         return out
 
+    def forward_from_layer3(self, x3: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's logits from layer3's output (windows whose frozen part was computed once)."""
+        shared, ai = self.embeddings_from_layer3(x3)
+        return self.heads_forward(shared, None if self.ai_layer4 is None else ai)   # no branch: one dropout draw
+
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.ai_layer4 is None:
-            return self.heads_forward(self.trunk(feats))
-        return self.heads_forward(*self.embeddings_from_layer3(self.trunk.to_layer3(feats)))
+        return self.forward_from_layer3(self.trunk.to_layer3(feats))
 
     def with_ai_branch(self) -> "Detector":
         """A copy whose ai head reads its own layer4, initialised as the shared one (itself if it has one)."""

@@ -52,10 +52,10 @@ from pipeline.config import Params
 from pipeline.core.audio import AudioError, load_audio
 from pipeline.core.augment import augment_spec, augment_wave
 from pipeline.core.data import Clip, CorpusError, check_labels, load_clips, read_corpus, speaker_parts
-from pipeline.core.features import FrontEnd, random_crop
+from pipeline.core.features import FrontEnd, random_crop, windows
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import AI_LABEL, CosineHead, Detector
-from pipeline.core.scoring import pick_device, score_model, scoring_settings
+from pipeline.core.scoring import Scorer, pick_device, score_model, score_streams, scoring_settings
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 
@@ -436,10 +436,58 @@ def fit_candidate(model: Detector, cached: torch.Tensor, data: Data, train_mask:
     return merge(model, adapter), history
 
 
-def calibrated(candidate: Detector, data: Data, params: Params, device) -> dict:
+class _FromLayer3(nn.Module):
+    """A detector that takes layer3's output as input, for windows whose frozen part was computed once."""
+
+    def __init__(self, model: Detector) -> None:
+        super().__init__()
+        self.model, self.meta = model, model.meta
+
+    def forward(self, x3: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_from_layer3(x3)
+
+
+@dataclass
+class CalibrationWindows:
+    """The calibration humans' scoring windows (detection's hop), through the part of production every
+    candidate of the recipe shares: layer3 (all recipes but input_layers) or the front end. Each of the
+    three candidates of a retrain is then calibrated without re-running that part (docs/benchmarks.md 6f)."""
+
+    upto: str                                     # "layer3" | "input"
+    clips: list[list[tuple[torch.Tensor, float]]]  # per clip: (window's frozen output, window rms)
+    sources: set[str]
+
+
+@torch.no_grad()
+def calibration_windows(model: Detector, data: Data, params: Params, device) -> CalibrationWindows:
+    upto = "input" if params.finetune.recipe == "input_layers" else "layer3"
+    scorer = Scorer(model, params.audio, str(device))
+    seg, hop = params.audio.segment_samples, round(params.detect.hop_s * params.audio.sample_rate)
+    per_clip = [windows(it.wave, seg, hop) for it in data.calibration]
+    flat = np.concatenate(per_clip) if per_clip else np.zeros((0, seg), np.float32)
+    feats, rms = [], []
+    for i in range(0, len(flat), params.detect.batch_windows):
+        f, r = scorer.features(flat[i:i + params.detect.batch_windows])
+        feats.append((model.trunk.to_layer3(f) if upto == "layer3" else f).cpu())
+        rms.append(r)
+    feats = torch.cat(feats) if feats else torch.zeros(0)
+    rms = np.concatenate(rms) if rms else np.zeros(0)
+    bounds = np.cumsum([0] + [len(w) for w in per_clip])
+    return CalibrationWindows(upto, [list(zip(feats[a:b], rms[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:])],
+                              {it.clip.source for it in data.calibration})
+
+
+def calibration_scores(candidate: Detector, cal: CalibrationWindows, params: Params, device) -> list[float]:
+    """The candidate's score of each calibration human, as score_model gives it (the same windows and
+    aggregation), from the cached frozen part."""
+    model = _FromLayer3(candidate) if cal.upto == "layer3" else candidate
+    return [s.ai_score for s in score_streams(Scorer(model, params.audio, str(device)), cal.clips, params.detect,
+                                              featurized=True)]
+
+
+def calibrated(candidate: Detector, cal: CalibrationWindows, params: Params, device) -> dict:
     """The candidate's threshold on the calibration humans (whole clips, scored like production traffic)."""
-    scores = [s.ai_score for s in score_model(candidate, [it.wave for it in data.calibration], params, str(device))]
-    return calibrate(scores, params.calibration, {it.clip.source for it in data.calibration})
+    return calibrate(calibration_scores(candidate, cal, params, device), params.calibration, cal.sources)
 
 
 def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
@@ -450,10 +498,11 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     seg = data.seg
     cached = cache_inputs(model, seg.waves, params, CACHE_FOR[cfg.recipe], device, cfg.seed)
     candidate, history = fit_candidate(model, cached, data, ~seg.is_val, seg.is_val, params, device)
-    calibration = calibrated(candidate, data, params, device)
+    cal_windows = calibration_windows(model, data, params, device)
+    calibration = calibrated(candidate, cal_windows, params, device)
     candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"],
                                          threshold_scoring=scoring_settings(params))
-    lofo = leave_one_file_out(model, cached, data, params, device)
+    lofo = leave_one_file_out(model, cached, data, cal_windows, params, device)
     calibration["clips"] = sorted(it.clip.sha256 for it in data.calibration)
     if cfg.calibration_folds and data.counts["calibration_from"] == "test split":   # the gates judge these humans
         calibration |= {"mode": "crossfit", "folds": cfg.calibration_folds, "seed": cfg.seed}
@@ -469,7 +518,8 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     return candidate.cpu().eval(), report
 
 
-def leave_one_file_out(model: Detector, cached: torch.Tensor, data: Data, params: Params, device) -> dict:
+def leave_one_file_out(model: Detector, cached: torch.Tensor, data: Data, cal_windows: CalibrationWindows,
+                       params: Params, device) -> dict:
     """For each new file f: a candidate made without f's copies (in training and early stopping) scores f
     at its own threshold, calibrated on the calibration humans."""
     files = sorted(data.generators)
@@ -480,7 +530,7 @@ def leave_one_file_out(model: Detector, cached: torch.Tensor, data: Data, params
     for f in files:
         keep = seg.files != f
         held_out, _ = fit_candidate(model, cached, data, ~seg.is_val & keep, seg.is_val & keep, params, device)
-        cal = calibrated(held_out, data, params, device)
+        cal = calibrated(held_out, cal_windows, params, device)
         score = score_model(held_out, [data.new_clips[f]], params, str(device))[0].ai_score
         out[f] = {"score": score, "threshold": cal["threshold"], "caught": bool(score >= cal["threshold"])}
     return {"method": "leave-one-file-out", "files": out}
