@@ -192,12 +192,16 @@ def _guarded_sections(env: dict, flow_run_id: str) -> tuple[float, float]:
     """(start, end) of the run's store-limit section, from the times of its "holding" and "released" log lines."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    logs = []
+    logs, deadline = [], time.monotonic() + 60
     with _client(env) as client:
-        while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(logs)):
-            logs += page
-    held = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("holding aivoice-retrain-")]
-    released = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("released aivoice-retrain-")]
+        while True:   # a run's last log lines reach the server in batches, possibly after its final state
+            while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(logs)):
+                logs += page
+            held = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("holding aivoice-retrain-")]
+            released = [lg.timestamp.timestamp() for lg in logs if lg.message.startswith("released aivoice-retrain-")]
+            if len(released) >= len(held) >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
     assert len(held) == 1 and len(released) == 1, f"one guarded section per run: {[lg.message for lg in logs][-30:]}"
     return held[0], released[0]
 
