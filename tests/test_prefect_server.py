@@ -317,9 +317,12 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
             # when both deployments are triggered at once
             pair = [_trigger(env, project, "retrain/nightly"), _trigger(env, project, "retrain/adhoc")]
             done = [_wait_state(env, r, lambda fr: fr.state.is_final(), 300, "finished", logs) for r in pair]
+            # (read while the workers run: a run's process sends its last log lines after its final state,
+            # and stopping the workers would stop it)
+            sections = sorted(_guarded_sections(env, r) for r in pair)
     # then both complete, on two workers, and their guarded sections do not overlap: one waited for the other
     assert all(fr.state.is_completed() for fr in done), f"both retrains complete: {[fr.state for fr in done]}"
-    (s1, e1), (s2, e2) = sorted(_guarded_sections(env, r) for r in pair)
+    (s1, e1), (s2, e2) = sections
     assert e1 <= s2, f"the sections overlap: [{s1:.1f}, {e1:.1f}] and [{s2:.1f}, {e2:.1f}]"
     with _client(env) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name(project / "data" / "store"))
