@@ -382,9 +382,14 @@ class ComputeConfig(Section):
 
     threads: torch's intra-op threads. `auto`: 1 when the host has <= 2 CPU cores or its 1-minute load
     average is >= its core count (torch's default, one thread per core, collapses 2-20x when the cores
-    are shared: docs/benchmarks.md), else torch's default; or a fixed number >= 1."""
+    are shared: docs/benchmarks.md), else torch's default; or a fixed number >= 1.
+
+    batch_workers: processes that make the next training batches (crops, augmentation) while the model
+    trains on this one. Each batch is a function of (train.seed, step), so the model is the same for any
+    number. `auto`: 1 per training process when the host has a core for it, else 0 (in-process)."""
 
     threads: Threads = "auto"
+    batch_workers: Workers = "auto"
 
 
 class Params(Section):
@@ -459,6 +464,14 @@ def auto_threads() -> int | None:
     except (OSError, AttributeError):  # not available on this platform: judge by the cores alone
         load = 0.0
     return 1 if cores <= 2 or load >= cores else None
+
+
+def batch_workers(params: Params, processes: int = 1) -> int:
+    """How many batch-making processes each of `processes` training processes gets (compute.batch_workers)."""
+    setting = params.compute.batch_workers
+    if setting != "auto":
+        return setting
+    return 1 if (os.cpu_count() or 1) >= 2 * processes else 0
 
 
 def apply_threads(params: Params) -> int:

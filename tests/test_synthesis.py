@@ -143,3 +143,26 @@ def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
     assert torch.equal(merged, whole), "the ranks' shares are exactly the one-process batch"
     other_step, _, _, _, _ = make_shard(sampler, params, ["en"], step=4)
     assert not torch.equal(other_step, whole), "each step draws anew"
+
+
+def test_batch_workers_make_the_same_batches_in_the_same_order():
+    from pipeline.core.data import Clip
+    from pipeline.training.train import shard_stream
+
+    params = load_params("/nonexistent", overrides={"train.twin_fraction": 0.5, "train.batch_size": 8})
+    wave = make_speech_like(5.0, 24000, seed=7)
+    human = LoadedClip(Clip(Path("h.wav"), 0, "human", "s", "en", "src", sha256="h"), wave, (0, len(wave)))
+    twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave * 0.5, (0, len(wave)))
+    other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
+    sampler = BalancedSampler([human, twin, other], np.random.default_rng(0))
+    # when: five steps are made in this process, and by two worker processes
+    here = list(shard_stream(sampler, params, ["en"], total=5))
+    torch_rng = torch.get_rng_state()
+    ahead = list(shard_stream(sampler, params, ["en"], total=5, workers=2))
+    assert torch.equal(torch.get_rng_state(), torch_rng), "torch's global generator (dropout) is left alone"
+    # then: step for step the same waves, labels, and per-row generators in the same state (SpecAugment draws next)
+    assert len(here) == len(ahead) == 5
+    for a, b in zip(here, ahead):
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4]))
+        assert [r.bit_generator.state for r in a[4]] == [r.bit_generator.state for r in b[4]]
+    assert not torch.equal(here[0][0], here[1][0]), "each step draws anew"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import atomic
-from pipeline.config import Params, params_hash
+from pipeline.config import Params, batch_workers, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
 from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
                                 read_corpus, source_groups, split_groups)
@@ -157,6 +157,39 @@ def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], s
     return (*_tensors(rows, languages), rngs)
 
 
+class _Shards(torch.utils.data.Dataset):
+    """Step s's shard (make_shard) as item s: a function of the step alone, so worker processes can make
+    the next ones while the model trains on this one, and the batches are the same with or without them."""
+
+    def __init__(self, sampler: BalancedSampler, params: Params, languages: list[str], rank: int, world: int,
+                 total: int) -> None:
+        self.sampler, self.params, self.languages, self.rank, self.world, self.total = \
+            sampler, params, languages, rank, world, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, step: int):
+        return make_shard(self.sampler, self.params, self.languages, step, self.rank, self.world)
+
+
+def _as_is(item):
+    return item
+
+
+def shard_stream(sampler: BalancedSampler, params: Params, languages: list[str], total: int, rank: int = 0,
+                 world: int = 1, workers: int = 0):
+    """make_shard's output for steps 0..total-1 in order, made `workers` processes ahead (forked: they
+    share the decoded clips) or, with 0, in this process when asked for."""
+    if workers == 0:
+        return (make_shard(sampler, params, languages, step, rank, world) for step in range(total))
+    loader = torch.utils.data.DataLoader(_Shards(sampler, params, languages, rank, world, total), batch_size=None,
+                                         shuffle=False, num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
+                                         multiprocessing_context="fork",
+                                         generator=torch.Generator())   # not torch's global one: dropout draws from it
+    return iter(loader)
+
+
 def multitask_loss(out: dict[str, torch.Tensor], ai, lang, spk) -> torch.Tensor:
     loss = F.cross_entropy(out["ai"], ai) + 0.5 * F.cross_entropy(out["speakers"], spk)
     if (lang >= 0).any():
@@ -248,6 +281,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     use_amp = cfg.amp and device.type == "cuda"
     best, history, early = None, [], EarlyStopping(cfg.patience)
     average, average_from = None, int(cfg.swa_start * cfg.epochs * cfg.steps_per_epoch)
+    shards = shard_stream(sampler, params, languages, cfg.epochs * cfg.steps_per_epoch, rank, world,
+                          batch_workers(params, world))
     started = time.monotonic()
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
@@ -255,8 +290,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         losses, epoch_started = [], time.monotonic()
         bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", when=rank == 0)
         for i in bar:
+            *batch, rngs = next(shards)   # step (epoch - 1) * steps_per_epoch + i
             step = (epoch - 1) * cfg.steps_per_epoch + i
-            *batch, rngs = make_shard(sampler, params, languages, step, rank, world)
             waves, ai, lang, spk = (t.to(device) for t in batch)
             feats = training_features(front_end, waves, rngs, params)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -291,6 +326,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         if broadcast_flag(stop):
             break
     epochs.close()
+    del shards   # stops the batch workers (an early stop leaves batches unmade)
     if rank:
         return None, []
     if cfg.select == "swa":
