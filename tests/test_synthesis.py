@@ -124,16 +124,22 @@ def test_a_pair_is_one_crop_of_a_clip_and_its_twin_under_one_channel():
     assert len({waves[i].sum().item() for i in range(0, 8, 2)}) > 1, "pairs differ from each other"
 
 
-def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
+def _twin_sampler():
+    """Params with half of each batch's pairs twins (batch 8), and a sampler of a human, its twin and a TTS clip."""
     from pipeline.core.data import Clip
-    from pipeline.training.train import make_shard
 
     params = load_params("/nonexistent", overrides={"train.twin_fraction": 0.5, "train.batch_size": 8})
     wave = make_speech_like(5.0, 24000, seed=7)
     human = LoadedClip(Clip(Path("h.wav"), 0, "human", "s", "en", "src", sha256="h"), wave, (0, len(wave)))
     twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave * 0.5, (0, len(wave)))
     other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
-    sampler = BalancedSampler([human, twin, other], np.random.default_rng(0))
+    return params, BalancedSampler([human, twin, other], np.random.default_rng(0))
+
+
+def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
+    from pipeline.training.train import make_shard
+
+    params, sampler = _twin_sampler()
     whole, ai, _, _, _ = make_shard(sampler, params, ["en"], step=3)
     first, ai0, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=0, world=2)
     second, ai1, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=1, world=2)
@@ -146,15 +152,9 @@ def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
 
 
 def test_batch_workers_make_the_same_batches_in_the_same_order():
-    from pipeline.core.data import Clip
     from pipeline.training.train import shard_stream
 
-    params = load_params("/nonexistent", overrides={"train.twin_fraction": 0.5, "train.batch_size": 8})
-    wave = make_speech_like(5.0, 24000, seed=7)
-    human = LoadedClip(Clip(Path("h.wav"), 0, "human", "s", "en", "src", sha256="h"), wave, (0, len(wave)))
-    twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave * 0.5, (0, len(wave)))
-    other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
-    sampler = BalancedSampler([human, twin, other], np.random.default_rng(0))
+    params, sampler = _twin_sampler()
     # when: five steps are made in this process, and by two worker processes
     here = list(shard_stream(sampler, params, ["en"], total=5))
     torch_rng = torch.get_rng_state()
