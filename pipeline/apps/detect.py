@@ -15,7 +15,7 @@ from pipeline.config import Params
 from pipeline.core.audio import AudioError, audio_info, stream_audio
 from pipeline.apps.decode_pool import CpuFeatures, DecodePool, feature_chunks
 from pipeline.core.features import stream_windows, window_starts
-from pipeline.core.scoring import Scorer, score_streams
+from pipeline.core.scoring import Scorer, score_streams, window_sizes
 from pipeline.progress import enabled, progress
 
 AI_GENERATED, HUMAN = "AI_GENERATED", "HUMAN"
@@ -54,7 +54,7 @@ def detect_files(paths: list[Path], scorer: Scorer, params: Params, threshold: f
     `detect.batch_windows` per file (pipeline.apps.decode_pool), in the `pool`'s worker processes when
     one is given, so the scores do not depend on the number of workers."""
     sr = params.audio.sample_rate
-    seg, hop = params.audio.segment_samples, round(params.detect.hop_s * sr)
+    seg, hop = window_sizes(params.audio, params.detect)
     decoded = [0] * len(paths)   # samples per file at the model's rate: where each window starts
 
     by_files = enabled() and len(paths) > HEADER_SCAN_MAX_FILES   # no header pass before the first result
@@ -95,7 +95,7 @@ def _feature_streams(paths: list[Path], scorer: Scorer, params: Params, max_dura
                      pool: DecodePool | None, decoded: list[int], bar, expected: list[float]) -> Iterator[Iterator]:
     """Per file, a stream of (features, rms) windows for `score_streams(featurized=True)`; it raises the
     file's AudioError after the windows decoded before it, with or without workers."""
-    sr, seg, hop = params.audio.sample_rate, params.audio.segment_samples, round(params.detect.hop_s * params.audio.sample_rate)
+    sr, (seg, hop) = params.audio.sample_rate, window_sizes(params.audio, params.detect)
     chunk, feats = params.detect.batch_windows, scorer.model.meta.feature_config()
     local = CpuFeatures(params.audio, feats)
 

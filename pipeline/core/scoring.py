@@ -161,9 +161,14 @@ def score_streams(scorer: Scorer, streams: Iterable[Iterable], detect: DetectCon
         next_out += 1
 
 
+def window_sizes(audio: AudioConfig, detect: DetectConfig) -> tuple[int, int]:
+    """(length, hop) of the scoring windows in samples at the model's rate."""
+    return audio.segment_samples, round(detect.hop_s * audio.sample_rate)
+
+
 def score_arrays(scorer: Scorer, clips: Iterable[np.ndarray], audio: AudioConfig, detect: DetectConfig) -> list[ClipScore]:
     """Score in-memory clips (already at the model's rate) with the same fixed windows as detection."""
-    seg, hop = audio.segment_samples, round(detect.hop_s * audio.sample_rate)
+    seg, hop = window_sizes(audio, detect)
     return list(score_streams(scorer, (windows(x, seg, hop) for x in clips), detect))
 
 

@@ -55,7 +55,7 @@ from pipeline.core.data import Clip, CorpusError, check_labels, load_clips, read
 from pipeline.core.features import FrontEnd, random_crop, windows
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import AI_LABEL, CosineHead, Detector
-from pipeline.core.scoring import Scorer, pick_device, score_model, score_streams, scoring_settings
+from pipeline.core.scoring import Scorer, pick_device, score_model, score_streams, scoring_settings, window_sizes
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 
@@ -462,7 +462,7 @@ class CalibrationWindows:
 def calibration_windows(model: Detector, data: Data, params: Params, device) -> CalibrationWindows:
     upto = "input" if params.finetune.recipe == "input_layers" else "layer3"
     scorer = Scorer(model, params.audio, str(device))
-    seg, hop = params.audio.segment_samples, round(params.detect.hop_s * params.audio.sample_rate)
+    seg, hop = window_sizes(params.audio, params.detect)
     per_clip = [windows(it.wave, seg, hop) for it in data.calibration]
     flat = np.concatenate(per_clip) if per_clip else np.zeros((0, seg), np.float32)
     feats, rms = [], []
