@@ -385,8 +385,10 @@ class ComputeConfig(Section):
     are shared: docs/benchmarks.md), else torch's default; or a fixed number >= 1.
 
     batch_workers: processes that make the next training batches (crops, augmentation) while the model
-    trains on this one. Each batch is a function of (train.seed, step), so the model is the same for any
-    number. `auto`: 1 per training process when the host has a core for it, else 0 (in-process)."""
+    trains on this one (bootstrap, evaluate), or that share fine-tuning's independent jobs (the replay's
+    augmentation, the frozen caches, the leave-one-file-out trainings). Each batch is a function of
+    (train.seed, step), each job of its seed, so the model is the same for any number. `auto`: 1 per
+    training process when the host has a core for it, else 0 (in-process)."""
 
     threads: Threads = "auto"
     batch_workers: Workers = "auto"

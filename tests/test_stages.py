@@ -190,6 +190,10 @@ def _with_recipe(params, recipe, **more):
     return params.model_copy(update={"finetune": params.finetune.model_copy(update={"recipe": recipe} | more)})
 
 
+def _with_workers(params, n):
+    return params.model_copy(update={"compute": params.compute.model_copy(update={"batch_workers": n})})
+
+
 def _changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 
@@ -209,8 +213,8 @@ def test_head_only_finetune_leaves_frozen_weights_bit_identical(project, small_c
 
 
 def test_leave_one_file_out_never_trains_or_stops_on_the_held_out_file(project, small_corpus, tiny_params, monkeypatch):
-    # given: a store with three new files
-    params = _with_recipe(tiny_params, "head")
+    # given: a store with three new files (every fit in this process, where the spy sees it)
+    params = _with_workers(_with_recipe(tiny_params, "head"), 0)
     base = _store_with_new_samples(small_corpus, params, n_new=3)
     seen = []
     real_fit = finetune_module.fit_candidate
@@ -227,6 +231,28 @@ def test_leave_one_file_out_never_trains_or_stops_on_the_held_out_file(project, 
     assert len(seen) == 4 and seen[0] == files, f"candidate + 3 held-out fits: {seen}"
     assert sorted(map(frozenset, seen[1:]), key=sorted) == sorted((frozenset(files - {f}) for f in files), key=sorted), \
         "a held-out file's copies are in neither the training nor the early-stopping segments"
+
+
+def test_forked_workers_give_the_same_candidate_threshold_and_held_out_estimates(project, small_corpus, tiny_params):
+    # given: a store with two new files and the default recipe
+    params = _with_recipe(tiny_params, "last_block")
+    base = _store_with_new_samples(small_corpus, params)
+    # when: fine-tuning runs in this process alone, then with a forked worker (replay and held-out fits),
+    # on one torch thread as in a worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone, report_alone = finetune(copy.deepcopy(base), _with_workers(params, 0))
+        shared, report_shared = finetune(copy.deepcopy(base), _with_workers(params, 1))
+    finally:
+        torch.set_num_threads(threads)
+    # then: the same weights, threshold and leave-one-file-out estimates, to the bit
+    assert finetune_module.forked_workers(_with_workers(params, 1), torch.device("cpu")) == 1, "a worker was forked"
+    assert not _changed(alone.state_dict(), shared.state_dict()), "the candidate does not depend on the workers"
+    assert report_alone["calibration"] == report_shared["calibration"], "the same threshold"
+    assert report_alone["lofo"] == report_shared["lofo"] and len(report_alone["lofo"]["files"]) == 2, \
+        "the same held-out estimates"
+    assert report_alone["history"] == report_shared["history"]
 
 
 def test_one_new_file_gives_no_held_out_estimate(project, small_corpus, tiny_params):

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Params
+from pipeline.config import Params, batch_workers
 from pipeline.core.audio import AudioError, load_audio
-from pipeline.core.augment import augment_spec, augment_wave
+from pipeline.core.augment import WaveParams, apply_wave, augment_spec, draw_wave_params
 from pipeline.core.data import Clip, CorpusError, check_labels, load_clips, read_corpus, speaker_parts
 from pipeline.core.features import FrontEnd, random_crop, windows
 from pipeline.core.metrics import compute_eer
@@ -58,6 +58,7 @@ from pipeline.core.model import AI_LABEL, CosineHead, Detector
 from pipeline.core.scoring import Scorer, pick_device, score_model, score_streams, scoring_settings, window_sizes
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
+from pipeline.training.forked import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,25 @@ def load_new_copies(augmented: Path, val_fraction: float) -> tuple[Segments, dic
     return Segments(waves, np.full(len(index), AI_LABEL), files, is_val), generators
 
 
-def replay_segments(clips: list[Clip], n: int, params: Params, rng: np.random.Generator, is_val: bool) -> Segments:
-    """n augmented random crops from these clips, each source equally likely."""
+@dataclass
+class ReplayDraw:
+    """One replay segment, drawn but not yet augmented: its crop, its augmentation's parameters, its file."""
+
+    crop: np.ndarray
+    augment: WaveParams
+    file: str
+
+
+def replay_draws(clips: list[Clip], n: int, params: Params, rng: np.random.Generator) -> list[ReplayDraw]:
+    """n random crops from these clips, each source equally likely, with their augmentation drawn."""
     by_source = defaultdict(list)
     for c in clips:
         by_source[c.source].append(c)
     sources = sorted(by_source)
     cache: dict[Path, np.ndarray] = {}
-    waves, files = [], []
-    seg, sr = params.audio.segment_samples, params.audio.sample_rate
-    while len(waves) < n:
+    draws: list[ReplayDraw] = []
+    seg = params.audio.segment_samples
+    while len(draws) < n:
         pool = by_source[sources[int(rng.integers(len(sources)))]]
         clip = pool[int(rng.integers(len(pool)))]
         if clip.path not in cache:
@@ -116,10 +126,24 @@ def replay_segments(clips: list[Clip], n: int, params: Params, rng: np.random.Ge
                 if not sources:
                     raise CorpusError("no usable replay clips") from None
                 continue
-        waves.append(augment_wave(random_crop(cache[clip.path], seg, rng), sr, params.augment, rng))
-        files.append(str(clip.path))
-    label = clips[0].label
-    return Segments(np.stack(waves), np.full(n, label), np.array(files), np.full(n, is_val))
+        crop = random_crop(cache[clip.path], seg, rng)
+        draws.append(ReplayDraw(crop, draw_wave_params(params.augment, rng), str(clip.path)))
+    return draws
+
+
+def replay_segments(parts: list[tuple[list[ReplayDraw], int, bool]], params: Params, workers: int) -> list[Segments]:
+    """Each part's draws (with its label and early-stopping flag) augmented, the work shared with `workers`
+    forked processes (codec round trips take most of fine-tuning's preparation)."""
+    sr = params.audio.sample_rate
+    flat = [d for draws, _, _ in parts for d in draws]
+    waves = fork_map(lambda d: apply_wave(d.crop, sr, d.augment), flat, workers)
+    out, start = [], 0
+    for draws, label, is_val in parts:
+        n = len(draws)
+        out.append(Segments(np.stack(waves[start:start + n]), np.full(n, label), np.array([d.file for d in draws]),
+                            np.full(n, is_val)))
+        start += n
+    return out
 
 
 def concat(parts: list[Segments]) -> Segments:
@@ -169,12 +193,13 @@ def prepare(params: Params) -> Data:
     n_new = int((~new.is_val).sum())
     n_h = max(cfg.replay_per_class, n_new)
     n_ai_replay = max(cfg.replay_per_class - n_new, 0) if earlier_ai else 0
-    parts = [new, replay_segments(h_train, n_h, params, rng, False),
-             replay_segments(h_stop, max(int(n_h * cfg.val_fraction), 8), params, rng, True)]
+    draws = [(replay_draws(h_train, n_h, params, rng), h_train[0].label, False),
+             (replay_draws(h_stop, max(int(n_h * cfg.val_fraction), 8), params, rng), h_stop[0].label, True)]
     if n_ai_replay:
         a_train, a_stop = speaker_parts(earlier_ai, (cfg.val_fraction,), cfg.seed)
-        parts += [replay_segments(a_train, n_ai_replay, params, rng, False),
-                  replay_segments(a_stop, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng, True)]
+        draws += [(replay_draws(a_train, n_ai_replay, params, rng), AI_LABEL, False),
+                  (replay_draws(a_stop, max(int(n_ai_replay * cfg.val_fraction), 4), params, rng), AI_LABEL, True)]
+    parts = [new] + replay_segments(draws, params, forked_workers(params, pick_device(cfg.device)))
     seg = concat(parts)
     rows = {c.sha256: c for c in stored}
     new_clips = {f: load_audio(rows[f].path, params.audio) for f in sorted(generators)}
@@ -185,6 +210,15 @@ def prepare(params: Params) -> Data:
     log.info("fine-tuning on %d segments (%d new-sample copies of %d files, %d human, %d earlier AI replay); "
              "%d humans for calibration", int((~seg.is_val).sum()), n_new, len(generators), n_h, n_ai_replay, len(h_cal))
     return Data(seg, np.isin(seg.files, list(generators)), generators, new_clips, load_clips(h_cal, params), counts)
+
+
+def forked_workers(params: Params, device: torch.device) -> int:
+    """Processes forked beside this one for fine-tuning's independent jobs (compute.batch_workers), on cpu.
+    `auto` forks only where torch runs one thread (a 2-core or busy host): elsewhere its intra-op threads
+    already use the cores."""
+    if device.type != "cpu" or (params.compute.batch_workers == "auto" and torch.get_num_threads() > 1):
+        return 0
+    return batch_workers(params)
 
 
 def calibration_humans(stored: list[Clip], fraction: float, seed: int) -> list[Clip]:
@@ -451,11 +485,20 @@ class _FromLayer3(nn.Module):
 class CalibrationWindows:
     """The calibration humans' scoring windows (detection's hop), through the part of production every
     candidate of the recipe shares: layer3 (all recipes but input_layers) or the front end. Each of the
-    three candidates of a retrain is then calibrated without re-running that part (docs/benchmarks.md 6f)."""
+    three candidates of a retrain is then calibrated without re-running that part (docs/benchmarks.md 6f).
+    Held as one array, so that a forked worker sends it back in one piece."""
 
-    upto: str                                     # "layer3" | "input"
-    clips: list[list[tuple[torch.Tensor, float]]]  # per clip: (window's frozen output, window rms)
+    upto: str              # "layer3" | "input"
+    frozen: np.ndarray     # (windows, ...) every window's frozen output, clip after clip
+    rms: np.ndarray        # (windows,) each window's rms
+    bounds: list[int]      # clip i's windows are [bounds[i], bounds[i + 1])
     sources: set[str]
+
+    @property
+    def clips(self) -> list[list[tuple[torch.Tensor, float]]]:
+        """Per clip: (window's frozen output, window rms)."""
+        frozen = torch.from_numpy(self.frozen)
+        return [list(zip(frozen[a:b], self.rms[a:b].tolist())) for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
 
 @torch.no_grad()
@@ -468,12 +511,11 @@ def calibration_windows(model: Detector, data: Data, params: Params, device) -> 
     feats, rms = [], []
     for i in range(0, len(flat), params.detect.batch_windows):
         f, r = scorer.features(flat[i:i + params.detect.batch_windows])
-        feats.append((model.trunk.to_layer3(f) if upto == "layer3" else f).cpu())
+        feats.append((model.trunk.to_layer3(f) if upto == "layer3" else f).cpu().numpy())
         rms.append(r)
-    feats = torch.cat(feats) if feats else torch.zeros(0)
-    rms = np.concatenate(rms) if rms else np.zeros(0)
-    bounds = np.cumsum([0] + [len(w) for w in per_clip])
-    return CalibrationWindows(upto, [list(zip(feats[a:b], rms[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:])],
+    return CalibrationWindows(upto, np.concatenate(feats) if feats else np.zeros((0,), np.float32),
+                              np.concatenate(rms) if rms else np.zeros(0),
+                              np.cumsum([0] + [len(w) for w in per_clip]).tolist(),
                               {it.clip.source for it in data.calibration})
 
 
@@ -496,13 +538,28 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     device = pick_device(cfg.device)
     data = prepare(params)
     seg = data.seg
-    cached = cache_inputs(model, seg.waves, params, CACHE_FOR[cfg.recipe], device, cfg.seed)
-    candidate, history = fit_candidate(model, cached, data, ~seg.is_val, seg.is_val, params, device)
-    cal_windows = calibration_windows(model, data, params, device)
-    calibration = calibrated(candidate, cal_windows, params, device)
+    workers = forked_workers(params, device)
+
+    def frozen(part: str):   # production's frozen part on the training segments / the calibration windows
+        if part == "segments":
+            return cache_inputs(model, seg.waves, params, CACHE_FOR[cfg.recipe], device, cfg.seed)
+        return calibration_windows(model, data, params, device)
+
+    cached, cal_windows = fork_map(frozen, ["segments", "calibration"], workers)
+    held_out = sorted(data.generators) if len(data.generators) >= 2 else []
+
+    def job(f: str | None):   # None: the candidate itself; f: the candidate made without new file f
+        if f is not None:
+            return held_out_estimate(model, cached, data, cal_windows, f, params, device)
+        candidate, history = fit_candidate(model, cached, data, ~seg.is_val, seg.is_val, params, device)
+        return candidate, history, calibrated(candidate, cal_windows, params, device)
+
+    # independent trainings, each seeded alike: the same results with any number of workers
+    (candidate, history, calibration), *estimates = fork_map(job, [None] + held_out, workers)
     candidate.meta = dataclasses.replace(candidate.meta, threshold=calibration["threshold"],
                                          threshold_scoring=scoring_settings(params))
-    lofo = leave_one_file_out(model, cached, data, cal_windows, params, device)
+    lofo = ({"method": "leave-one-file-out", "files": dict(zip(held_out, estimates))} if held_out else
+            {"method": "none: one new file leaves nothing to hold out", "files": {}})
     calibration["clips"] = sorted(it.clip.sha256 for it in data.calibration)
     if cfg.calibration_folds and data.counts["calibration_from"] == "test split":   # the gates judge these humans
         calibration |= {"mode": "crossfit", "folds": cfg.calibration_folds, "seed": cfg.seed}
@@ -518,19 +575,12 @@ def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     return candidate.cpu().eval(), report
 
 
-def leave_one_file_out(model: Detector, cached: torch.Tensor, data: Data, cal_windows: CalibrationWindows,
-                       params: Params, device) -> dict:
-    """For each new file f: a candidate made without f's copies (in training and early stopping) scores f
-    at its own threshold, calibrated on the calibration humans."""
-    files = sorted(data.generators)
-    if len(files) < 2:
-        return {"method": "none: one new file leaves nothing to hold out", "files": {}}
-    seg = data.seg
-    out = {}
-    for f in files:
-        keep = seg.files != f
-        held_out, _ = fit_candidate(model, cached, data, ~seg.is_val & keep, seg.is_val & keep, params, device)
-        cal = calibrated(held_out, cal_windows, params, device)
-        score = score_model(held_out, [data.new_clips[f]], params, str(device))[0].ai_score
-        out[f] = {"score": score, "threshold": cal["threshold"], "caught": bool(score >= cal["threshold"])}
-    return {"method": "leave-one-file-out", "files": out}
+def held_out_estimate(model: Detector, cached: torch.Tensor, data: Data, cal_windows: CalibrationWindows, f: str,
+                      params: Params, device) -> dict:
+    """Leave-one-file-out: a candidate made without new file f's copies (in training and early stopping)
+    scores f at its own threshold, calibrated on the calibration humans."""
+    keep = data.seg.files != f
+    held_out, _ = fit_candidate(model, cached, data, ~data.seg.is_val & keep, data.seg.is_val & keep, params, device)
+    threshold = calibrated(held_out, cal_windows, params, device)["threshold"]
+    score = score_model(held_out, [data.new_clips[f]], params, str(device))[0].ai_score
+    return {"score": score, "threshold": threshold, "caught": bool(score >= threshold)}
