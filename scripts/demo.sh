@@ -34,7 +34,7 @@ serving_other_than() { local v; v=$(served_version); [ -n "$v" ] && [ "$v" != "$
 wait_until() {  # wait_until SECONDS WHAT COMMAND...: poll once a second; give up naming WHAT
   local deadline=$((SECONDS + $1)) what=$2; shift 2
   until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "gave up waiting for $what (see demo/serve.log)"; return 1; }
+    [ "$SECONDS" -lt "$deadline" ] || { echo "gave up waiting for $what"; return 1; }
     sleep 1
   done
 }
@@ -58,6 +58,13 @@ echo "   Same words, speaker and channel as the original: all that differs is ho
 run aivoice twins
 
 step "4. Train the base model on the store and its twins, calibrate its threshold, register it (v1 = champion)"
+# A Prefect server for the retrain flow, as a team runs one (docs/orchestration.md): without it each flow run
+# first starts a temporary server (about 10 s). It starts now, while the base trains, and stops at exit.
+PREFECT_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+export PREFECT_HOME="$PWD/demo/prefect"
+PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" \
+  > demo/prefect-server.log 2>&1 &
+cleanup+=("kill $! 2>/dev/null")
 if [ ! -f models/base.pt ]; then
   run aivoice bootstrap --corpus data/store --out models/base.pt
 else
@@ -70,6 +77,12 @@ run aivoice detect demo/corpus/new_generator demo/corpus/human_holdout || true
 step "6. Two clips of the new voice arrive. The retrain flow (Prefect) exports the champion, runs the DVC stages"
 echo "   ingest -> twins -> augment -> finetune -> validate with the default recipe, and promotes the candidate only if"
 echo "   its gates pass: held-out estimates, minimum evidence, intervals, both models at the same human FPR."
+if wait_until 90 "the Prefect server (see demo/prefect-server.log)" curl -sf -o /dev/null "http://127.0.0.1:$PREFECT_PORT/api/health"; then
+  export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+  echo "   The flow runs on the Prefect server started in step 4: its UI is at http://127.0.0.1:$PREFECT_PORT until the demo ends."
+else
+  echo "   The flow runs without a server (Prefect starts a temporary one)."
+fi
 mkdir -p data/incoming/ai/piper-joe
 for f in $(ls demo/corpus/new_generator/*.wav | head -n 2); do cp -n "$f" data/incoming/ai/piper-joe/; done
 run aivoice retrain --promote auto --reason "demo: the candidate passed its validation gates"
@@ -81,7 +94,7 @@ if passed; then
   aivoice serve --port "$PORT" > demo/serve.log 2>&1 &
   serve_pid=$!
   cleanup+=("kill $serve_pid 2>/dev/null")
-  wait_until 120 "the service to load @champion" curl -sf -o /dev/null "$URL/health"
+  wait_until 120 "the service to load @champion (see demo/serve.log)" curl -sf -o /dev/null "$URL/health"
   clip=$(ls demo/corpus/new_generator/*.wav | sed -n 3p)
   run curl -s "$URL/model"; echo
   post_detect "$clip"
@@ -90,7 +103,7 @@ if passed; then
   promoted=$(served_version)
   run aivoice rollback --reason "demo: show the rollback"
   # the service re-resolves @champion every serve.refresh_s (5 s) and after requests: no restart
-  wait_until 60 "the service to follow the rollback" serving_other_than "$promoted"
+  wait_until 60 "the service to follow the rollback (see demo/serve.log)" serving_other_than "$promoted"
   run curl -s "$URL/model"; echo
   post_detect "$clip"
   run aivoice detect $(ls demo/corpus/new_generator/*.wav | tail -n +3) || true
