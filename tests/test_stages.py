@@ -1,6 +1,7 @@
 """Retraining stages on real audio: ingest, augment, finetune, validate gates."""
 import copy
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -233,17 +234,21 @@ def test_leave_one_file_out_never_trains_or_stops_on_the_held_out_file(project, 
         "a held-out file's copies are in neither the training nor the early-stopping segments"
 
 
-def test_forked_workers_give_the_same_candidate_threshold_and_held_out_estimates(project, small_corpus, tiny_params):
+def test_forked_workers_give_the_same_candidate_threshold_estimates_and_verdict(project, small_corpus, tiny_params):
+    from pipeline.training.validate import validate
+
     # given: a store with two new files and the default recipe
     params = _with_recipe(tiny_params, "last_block")
     base = _store_with_new_samples(small_corpus, params)
-    # when: fine-tuning runs in this process alone, then with a forked worker (replay and held-out fits),
-    # on one torch thread as in a worker
+    # when: fine-tuning and validation run in this process alone, then with a forked worker (replay,
+    # held-out fits; production's scores in validation), on one torch thread as in a worker
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         alone, report_alone = finetune(copy.deepcopy(base), _with_workers(params, 0))
         shared, report_shared = finetune(copy.deepcopy(base), _with_workers(params, 1))
+        judged = [json.dumps(validate(alone, base, json.loads(json.dumps(report_alone, default=str)), _with_workers(params, n)),
+                             default=str, sort_keys=True) for n in (0, 1)]
     finally:
         torch.set_num_threads(threads)
     # then: the same weights, threshold and leave-one-file-out estimates, to the bit
@@ -253,6 +258,7 @@ def test_forked_workers_give_the_same_candidate_threshold_and_held_out_estimates
     assert report_alone["lofo"] == report_shared["lofo"] and len(report_alone["lofo"]["files"]) == 2, \
         "the same held-out estimates"
     assert report_alone["history"] == report_shared["history"]
+    assert judged[0] == judged[1], "the same scores, gates and verdict"
 
 
 def test_one_new_file_gives_no_held_out_estimate(project, small_corpus, tiny_params):

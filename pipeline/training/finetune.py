@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Params, batch_workers
+from pipeline.config import Params
 from pipeline.core.audio import AudioError, load_audio
 from pipeline.core.augment import WaveParams, apply_wave, augment_spec, draw_wave_params
 from pipeline.core.data import Clip, CorpusError, check_labels, load_clips, read_corpus, speaker_parts
@@ -58,7 +58,7 @@ from pipeline.core.model import AI_LABEL, CosineHead, Detector
 from pipeline.core.scoring import Scorer, pick_device, score_model, score_streams, scoring_settings, window_sizes
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
-from pipeline.training.forked import fork_map
+from pipeline.training.forked import fork_map, forked_workers
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +210,6 @@ def prepare(params: Params) -> Data:
     log.info("fine-tuning on %d segments (%d new-sample copies of %d files, %d human, %d earlier AI replay); "
              "%d humans for calibration", int((~seg.is_val).sum()), n_new, len(generators), n_h, n_ai_replay, len(h_cal))
     return Data(seg, np.isin(seg.files, list(generators)), generators, new_clips, load_clips(h_cal, params), counts)
-
-
-def forked_workers(params: Params, device: torch.device) -> int:
-    """Processes forked beside this one for fine-tuning's independent jobs (compute.batch_workers), on cpu.
-    `auto` forks only where torch runs one thread (a 2-core or busy host): elsewhere its intra-op threads
-    already use the cores."""
-    if device.type != "cpu" or (params.compute.batch_workers == "auto" and torch.get_num_threads() > 1):
-        return 0
-    return batch_workers(params)
 
 
 def calibration_humans(stored: list[Clip], fraction: float, seed: int) -> list[Clip]:
@@ -534,6 +525,9 @@ def calibrated(candidate: Detector, cal: CalibrationWindows, params: Params, dev
 
 def finetune(model: Detector, params: Params) -> tuple[Detector, dict]:
     """Train a candidate from the production model; return it and the report."""
+    # torch's optimizers import torch._dynamo when the first one is built (2-3 s): once here, before any
+    # fork, so that the workers inherit it instead of importing it again
+    import torch._dynamo  # noqa: F401
     cfg = params.finetune
     device = pick_device(cfg.device)
     data = prepare(params)

@@ -15,8 +15,21 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from pipeline.config import Params, batch_workers
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def forked_workers(params: Params, device) -> int:
+    """Processes to fork beside this one for independent jobs on `device` (compute.batch_workers; none off
+    the cpu). `auto` forks only where torch runs one thread (a 2-core or busy host): elsewhere its
+    intra-op threads already use the cores."""
+    import torch
+
+    if torch.device(device).type != "cpu" or (params.compute.batch_workers == "auto" and torch.get_num_threads() > 1):
+        return 0
+    return batch_workers(params)
 
 
 class WorkerError(RuntimeError):

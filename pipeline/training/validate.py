@@ -30,6 +30,7 @@ from pipeline.core.scoring import score_model
 from pipeline.progress import progress
 from pipeline.training.calibration import crossfit_fpr
 from pipeline.training.evaluate import evaluate
+from pipeline.training.forked import fork_map, forked_workers
 
 PASSED, FAILED, INSUFFICIENT = "passed", "failed", "insufficient evidence"
 
@@ -160,8 +161,9 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
     test, new = gate_clips(Path(params.ingest.store), finetune_report)
     lofo = finetune_report["lofo"]["files"]
     out = {}
-    for name, model in (("candidate", candidate), ("production", production)):
-        kept, scores, results = score_clips(model, test, params)
+    # both models on the test split, side by side (a forked worker scores production)
+    on_test = fork_map(lambda m: score_clips(m, test, params), [candidate, production], forked_workers(params, "cpu"))
+    for (name, model), (kept, scores, results) in zip((("candidate", candidate), ("production", production)), on_test):
         thr = model.meta.threshold
         if name == "candidate":   # each new file as scored by a candidate that never trained on it
             held = [c for c in new if c.sha256 not in lofo and c.split == "test"]
