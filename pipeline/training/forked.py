@@ -1,7 +1,8 @@
 """Share independent pieces of work between this process and forked ones (compute.batch_workers).
 
-Fine-tuning runs a few independent jobs (augmenting replay crops, one candidate per held-out file)
-that each take seconds of one core. Forked workers start in milliseconds and see the parent's
+Fine-tuning and validation run a few independent jobs that each take seconds of one core: augmenting
+the replay crops, production's frozen layers on two sets of windows, one candidate per held-out file,
+scoring the test split with two models. Forked workers start in milliseconds and see the parent's
 memory as it is (cached tensors, loaded clips, the model), so nothing large is pickled on the way
 in; only results come back through a pipe. Each job must be a function of its item alone (seeded
 inside), so the results are the same for any number of workers and any order. Workers run torch on
