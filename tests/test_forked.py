@@ -1,6 +1,7 @@
 """fork_map: independent jobs shared between this process and forked workers, results in order."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -11,14 +12,27 @@ import pytest
 from pipeline.training.forked import WorkerError, fork_map
 
 
-def _square_and_pid(x: int) -> tuple[int, int]:
-    time.sleep(0.5 if x == 0 else 0.05)   # this process is busy with item 0 while the workers take the rest
-    return x * x, os.getpid()
+def _busy_until_a_worker_took_one(event, x: int) -> None:
+    """Item 0 (this process's) waits until a worker has started another item, so that the tests do not
+    depend on how fast a fork starts; the other items say they started."""
+    if x == 0:
+        assert event.wait(timeout=60), "no worker took an item within 60 s"
+    else:
+        event.set()
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2, 5])
 def test_results_are_the_sequential_ones_in_order(workers):
-    got = fork_map(_square_and_pid, list(range(7)), workers)
+    event = mp.get_context("fork").Event()
+    if not workers:
+        event.set()
+
+    def job(x):
+        _busy_until_a_worker_took_one(event, x)
+        time.sleep(0.05)
+        return x * x, os.getpid()
+
+    got = fork_map(job, list(range(7)), workers)
     assert [v for v, _ in got] == [x * x for x in range(7)], "the same results, in the items' order"
     assert got[0][1] == os.getpid(), "item 0 is always done here (its result may be a model)"
     helpers = {pid for _, pid in got} - {os.getpid()}
@@ -26,8 +40,17 @@ def test_results_are_the_sequential_ones_in_order(workers):
 
 
 def test_items_go_to_whichever_process_is_free():
-    # item 0 keeps this process busy: the worker takes every other item meanwhile
-    got = fork_map(lambda x: (time.sleep(1.0 if x == 0 else 0.05), os.getpid())[1], list(range(5)), 1)
+    # item 0 keeps this process busy until the worker has done the last item: the worker takes them all
+    last_done = mp.get_context("fork").Event()
+
+    def job(x):
+        if x == 0:
+            assert last_done.wait(timeout=60)
+        elif x == 4:
+            last_done.set()
+        return os.getpid()
+
+    got = fork_map(job, list(range(5)), 1)
     assert got[0] == os.getpid() and all(pid != os.getpid() for pid in got[1:]), got
 
 
@@ -38,9 +61,10 @@ def test_a_worker_sees_the_parents_memory_without_pickling():
 
 
 def test_an_error_in_a_worker_is_raised_here_with_its_reason():
+    event = mp.get_context("fork").Event()
+
     def job(x):
-        if x == 0:
-            time.sleep(1.0)   # this process is busy with item 0: the worker takes item 1
+        _busy_until_a_worker_took_one(event, x)   # the worker takes item 1
         if x == 1:
             raise ValueError("clip 1 is broken")
         return x
@@ -50,10 +74,11 @@ def test_an_error_in_a_worker_is_raised_here_with_its_reason():
 
 
 def test_a_worker_that_dies_is_reported():
+    event, parent = mp.get_context("fork").Event(), os.getpid()
+
     def job(x):
-        if x == 0:
-            time.sleep(1.0)
-        if x == 1:
+        _busy_until_a_worker_took_one(event, x)
+        if x == 1 and os.getpid() != parent:
             os._exit(3)
         return x
 
