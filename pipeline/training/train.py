@@ -290,8 +290,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         losses, epoch_started = [], time.monotonic()
         bar = progress(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", when=rank == 0)
         for i in bar:
-            *batch, rngs = next(shards)   # step (epoch - 1) * steps_per_epoch + i
             step = (epoch - 1) * cfg.steps_per_epoch + i
+            *batch, rngs = next(shards)   # this step's shard
             waves, ai, lang, spk = (t.to(device) for t in batch)
             feats = training_features(front_end, waves, rngs, params)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
