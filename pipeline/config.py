@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeFloat, PlainValidator, PositiveFloat,
-                      ValidationError, model_validator)
+                      ValidationError, field_validator, model_validator)
 
 DEFAULT_PARAMS = Path("params.yaml")
 log = logging.getLogger(__name__)
@@ -308,13 +308,15 @@ class GatesConfig(Section):
 
     min_new_recall: float = Field(0.9, ge=0, le=1)
     max_human_fpr: float = Field(0.05, ge=0, le=1)
-    compare_at_fpr: float = Field(0.05, gt=0, lt=1, description="the human FPR (on the test humans) at which candidate "
-                                  "and production are compared")
-    max_recall_drop: float = Field(0.05, ge=0, le=1, description="recall on earlier AI generators at compare_at_fpr may "
-                                   "fall this much below production's (no forgetting)")
-    max_eer_increase: float = Field(0.01, ge=0, le=1)
-    eer_step_floor: bool = Field(True, description="the EER tolerance is at least one clip of the test split's smaller "
-                                 "class: the EER moves in steps of about 1/n, and a smaller tolerance refuses on one clip")
+    compare_at_fpr: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field((0.01, 0.05, 0.10), min_length=1, description="the human FPRs (on the "
+                                              "test humans) at which candidate and production are compared, both at one")
+    max_recall_drop: float = Field(0.05, ge=0, le=1, description="recall on earlier AI generators at each compare_at_fpr "
+                                   "may fall this much below production's (no forgetting)")
+    max_eer_increase: float | None = Field(None, ge=0, le=1, description="null: the EER is reported, not gated (each model's "
+                                           "EER sits at its own human FPR); a number gates the candidate's EER on "
+                                           "production's plus this much")
+    eer_step_floor: bool = Field(True, description="a gated EER's tolerance is at least one clip of the test split's "
+                                 "smaller class: the EER moves in steps of about 1/n, and a smaller tolerance refuses on one clip")
     frozen_heads_unchanged: bool = True
     max_head_accuracy_drop: float = Field(0.01, ge=0, le=1, description="language and speakers accuracy on held-out "
                                           "clips may fall this much below production's (they move when the trunk trains)")
@@ -324,6 +326,11 @@ class GatesConfig(Section):
     max_tries_per_split: int = Field(3, ge=0, description="candidates judged on the same gate data before it must be "
                                      "refreshed (0 = no limit); retries that tune against the gates are counted")
     operating_points: tuple[float, ...] = (0.01, 0.05, 0.10)
+
+    @field_validator("compare_at_fpr", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):   # params written before it took a list: compare_at_fpr: 0.05
+        return (v,) if isinstance(v, (int, float)) else v
 
 
 class ValidateConfig(Section):

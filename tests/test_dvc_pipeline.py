@@ -62,7 +62,7 @@ def test_dvc_repro_runs_all_stages_then_is_a_no_op(dvc_project, small_corpus):
     for stage in ("ingest", "twins", "augment", "finetune", "validate"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} ran:\n{out[-2000:]}"
     verdict = json.loads((dvc_project / "reports" / "verdict.json").read_text())
-    assert set(verdict["gates"]) >= {"new_generator_recall", "human_fpr", "eer_vs_production"}, verdict
+    assert set(verdict["gates"]) >= {"new_generator_recall", "human_fpr", "earlier_ai_recall_vs_production_at_1pct_fpr"}, verdict
     assert len(verdict["before_after"]) == 2, "each new sample's score under old and new model"
     metrics = json.loads((dvc_project / "reports" / "metrics.json").read_text())
     assert {"candidate", "production"} <= set(metrics), "both models judged on the same data"

@@ -20,6 +20,7 @@ from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
 from pipeline.training.finetune import Adapter, finetune, loss_weights, speaker_parts, teacher_outputs
+from pipeline.training.report import describe_candidate
 from pipeline.training.validate import INSUFFICIENT, frozen_parts_unchanged, head_accuracy, judge
 
 
@@ -431,9 +432,15 @@ def test_head_accuracy_counts_known_languages_and_speaker_counts():
 
 
 def _metrics(eer, fpr, new_recall, language=0.8, speakers=0.9, n=200, earlier=0.9):
-    """A model's numbers as validate computes them: rates from counts out of n humans and 4 new files."""
+    """A model's numbers as validate computes them: rates from counts out of n humans and 4 new files;
+    earlier: recall on earlier AI at every compared human FPR, or {fpr: recall}."""
+    points = earlier if isinstance(earlier, dict) else dict.fromkeys(GatesConfig().compare_at_fpr, earlier)
     return {"eer": eer, "fpr": rate(round(fpr * n), n), "new_recall": rate(round(new_recall * 4), 4),
-            "earlier_at_fpr": earlier, "head_accuracy": {"language": language, "speakers": speakers}}
+            "earlier_at_fpr": points, "head_accuracy": {"language": language, "speakers": speakers}}
+
+
+EARLIER_GATES = {"earlier_ai_recall_vs_production_at_1pct_fpr", "earlier_ai_recall_vs_production_at_5pct_fpr",
+                 "earlier_ai_recall_vs_production_at_10pct_fpr"}
 
 
 ENOUGH = {"new_files": 4, "calibration_humans": 80}
@@ -445,8 +452,12 @@ ENOUGH = {"new_files": 4, "calibration_humans": 80}
     (_metrics(0.05, 1.00, 1.00), {"trunk": True}, {"human_fpr"}),  # the incident
     (_metrics(0.05, 0.045, 1.0), {"trunk": True}, {"human_fpr"}),  # 9/200: estimate 0.045, upper end 0.083
     (_metrics(0.05, 0.035, 1.0, n=1000), {"trunk": True}, set()),  # 35/1000: upper end 0.048
-    (_metrics(0.05, 0.005, 1.0, earlier=0.80), {"trunk": True}, {"earlier_ai_recall_vs_production"}),  # forgot
-    (_metrics(0.20, 0.005, 1.0), {"trunk": True}, {"eer_vs_production"}),
+    (_metrics(0.05, 0.005, 1.0, earlier=0.80), {"trunk": True}, EARLIER_GATES),  # forgot, at every human FPR
+    # forgot only where 10 % of humans are flagged: that operating point's gate alone refuses
+    (_metrics(0.05, 0.005, 1.0, earlier={0.01: 0.9, 0.05: 0.9, 0.10: 0.8}), {"trunk": True},
+     {"earlier_ai_recall_vs_production_at_10pct_fpr"}),
+    # a worse EER with the same recall at every compared FPR: the EER is reported, not gated, by default
+    (_metrics(0.20, 0.005, 1.0), {"trunk": True}, set()),
     (_metrics(0.05, 0.005, 1.0), {"trunk": False}, {"frozen_weights_unchanged"}),
     # layer4 trained: the language head got worse on held-out clips
     (_metrics(0.05, 0.005, 1.0, language=0.70), {"trunk": True}, {"language_accuracy_vs_production"}),
@@ -461,18 +472,52 @@ def test_gates_on_constructed_cases(cand, frozen, failed):
     assert len(verdict["reasons"]) == len(failed), "each failure has a reason"
 
 
-def test_the_eer_gate_tolerates_one_clip_of_the_smaller_class_unless_switched_off():
+def test_the_eer_gate_when_switched_on_tolerates_one_clip_of_the_smaller_class_unless_the_floor_is_off():
     # given: 39 earlier-AI clips, so the EER moves in steps of about 1/39 = 0.026; a candidate one clip worse
     cand, production = _metrics(0.0256, 0.005, 1.0), _metrics(0.0078, 0.02, 0.25)
     evidence = ENOUGH | {"test_ai": 39, "test_humans": 257}
-    gate = judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig())["gates"]["eer_vs_production"]
+    assert "eer_vs_production" not in judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig())["gates"], \
+        "by default the EER is not a gate"
+    on = GatesConfig(max_eer_increase=0.01)
+    gate = judge(cand, production, {"trunk": True}, evidence, 1, on)["gates"]["eer_vs_production"]
     assert gate["passed"] and gate["limit"] == pytest.approx(0.0078 + 1 / 39, abs=1e-4), gate
     assert gate["tolerance"].endswith("one clip of 39"), gate
     # two clips worse is refused; and with the floor off, the 0.01 tolerance refuses the one clip
-    worse = judge(_metrics(0.0078 + 2 / 39, 0.005, 1.0), production, {"trunk": True}, evidence, 1, GatesConfig())
+    worse = judge(_metrics(0.0078 + 2 / 39, 0.005, 1.0), production, {"trunk": True}, evidence, 1, on)
     assert not worse["gates"]["eer_vs_production"]["passed"]
-    strict = judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig(eer_step_floor=False))
+    strict = judge(cand, production, {"trunk": True}, evidence, 1, GatesConfig(max_eer_increase=0.01, eer_step_floor=False))
     assert not strict["gates"]["eer_vs_production"]["passed"] and "max_eer_increase" in strict["gates"]["eer_vs_production"]["tolerance"]
+
+
+def test_no_forgetting_gates_compare_both_models_at_each_configured_human_fpr():
+    # given: the candidate catches fewer earlier-AI clips than production only at 1 % human FPR
+    cand = _metrics(0.05, 0.005, 1.0, earlier={0.01: 0.70, 0.05: 0.95, 0.10: 0.97})
+    production = _metrics(0.06, 0.02, 0.25, earlier={0.01: 0.80, 0.05: 0.90, 0.10: 0.97})
+    gates = judge(cand, production, {"trunk": True}, ENOUGH, 1, GatesConfig())["gates"]
+    assert {n for n in gates if n.startswith("earlier_ai")} == EARLIER_GATES, "one gate per compared human FPR"
+    one = gates["earlier_ai_recall_vs_production_at_1pct_fpr"]
+    assert not one["passed"] and one["limit"] == pytest.approx(0.75), one
+    assert gates["earlier_ai_recall_vs_production_at_5pct_fpr"]["passed"], "better at 5 % does not excuse 1 %, nor is it refused"
+    # a single point, as params written before the list: compare_at_fpr: 0.05
+    single = GatesConfig.model_validate({"compare_at_fpr": 0.05})
+    assert single.compare_at_fpr == (0.05,), single
+    only5 = judge(cand, production, {"trunk": True}, ENOUGH, 1, single)
+    assert only5["passed"] and "earlier_ai_recall_vs_production_at_5pct_fpr" in only5["gates"], only5["reasons"]
+
+
+def test_a_version_description_names_the_operating_point_and_the_champion_recall_there():
+    # given: a passed verdict from the per-point gates, and the metrics validate writes for both models
+    cand = _metrics(0.05, 0.005, 1.0, earlier={0.01: 0.95, 0.05: 0.97, 0.10: 0.98})
+    production = _metrics(0.06, 0.02, 0.25, earlier={0.01: 0.80, 0.05: 0.90, 0.10: 0.97})
+    verdict = judge(cand, production, {"trunk": True}, ENOUGH, 1, GatesConfig())
+    metrics = {"production": {"earlier_ai_recall_at_1pct_fpr": 0.80, "earlier_ai_recall_at_5pct_fpr": 0.90}}
+    text = describe_candidate(verdict, metrics, base_version=1, data_hash="abcdef12", trigger="test")
+    assert "PASSED" in text and "earlier-AI recall at equal FPR (1 %) 0.95 (rule >= 0.7500, champion 0.80)" in text, text
+    # a verdict written before the gates took a list of points keeps its one line
+    old = verdict | {"gates": {"earlier_ai_recall_vs_production": verdict["gates"]["earlier_ai_recall_vs_production_at_5pct_fpr"],
+                               "new_generator_recall": verdict["gates"]["new_generator_recall"]}}
+    assert "earlier-AI recall at equal FPR 0.97 (rule >= 0.8500)" in describe_candidate(
+        old, metrics, base_version=1, data_hash="", trigger="test"), "an old verdict's gate is still described"
 
 
 def test_human_fpr_gate_reads_the_pessimistic_end_unless_switched_off():

@@ -11,8 +11,9 @@ test-split files (never trained on) directly; production scores them all directl
 
 The verdict is `passed`, `failed`, or `insufficient evidence` (fewer new files or calibration humans
 than the gates need: it says what is missing). Candidate and production are compared at the same human
-false-positive rate on the test humans (the no-forgetting gate at `compare_at_fpr`, and the table at
-1 %, 5 %, 10 %), never each at its own threshold.
+false-positive rate on the test humans (the no-forgetting gates at each `compare_at_fpr`, 1 %, 5 % and
+10 % by default, and the table at `operating_points`), never each at its own threshold. The EER is
+reported for both; it is not gated by default, because each model's EER sits at its own human FPR.
 """
 from __future__ import annotations
 
@@ -105,10 +106,15 @@ def operating_points(humans: np.ndarray, new: np.ndarray, earlier_ai: np.ndarray
     return rows
 
 
+def earlier_gate(fpr: float) -> str:
+    """The no-forgetting gate's name at one human FPR, as the metrics name that operating point."""
+    return f"earlier_ai_recall_vs_production_at_{fpr * 100:g}pct_fpr"
+
+
 def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries: int, gates: GatesConfig) -> dict:
     """Each gate's value, interval, limit and outcome; the verdict's status and reasons.
     cand/prod hold eer, fpr and new_recall (rates with intervals), earlier_at_fpr (recall on earlier AI
-    at the same human FPR, gates.compare_at_fpr) and head_accuracy."""
+    at each human FPR of gates.compare_at_fpr, the same for both) and head_accuracy."""
     missing = []
     if evidence["new_files"] < gates.min_new_files:
         missing.append(f"{evidence['new_files']} new file(s) held out, need >= {gates.min_new_files} "
@@ -122,17 +128,20 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
     end = lambda r, name, high: (r["high"] if high else r["low"]) if name in gates.pessimistic else r["value"]
     fpr_used = end(cand["fpr"], "human_fpr", True)
     recall_used = end(cand["new_recall"], "new_recall", False)
-    n_small = min(evidence.get("test_ai", 0), evidence.get("test_humans", 0))
-    eer_slack = max(gates.max_eer_increase, 1 / n_small) if gates.eer_step_floor and n_small else gates.max_eer_increase
     results = {
         "new_generator_recall": (recall_used, gates.min_new_recall, recall_used >= gates.min_new_recall, ">=", cand["new_recall"]),
         "human_fpr": (fpr_used, gates.max_human_fpr, fpr_used <= gates.max_human_fpr, "<=", cand["fpr"]),
-        "earlier_ai_recall_vs_production": (cand["earlier_at_fpr"], prod["earlier_at_fpr"] - gates.max_recall_drop,
-                                            cand["earlier_at_fpr"] >= prod["earlier_at_fpr"] - gates.max_recall_drop, ">=", None),
-        "eer_vs_production": (cand["eer"], prod["eer"] + eer_slack, cand["eer"] <= prod["eer"] + eer_slack, "<=", None),
-    } | {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
-                                            acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=", None)
-         for head, acc in sorted(cand["head_accuracy"].items())}
+    } | {earlier_gate(fpr): (cand["earlier_at_fpr"][fpr], prod["earlier_at_fpr"][fpr] - gates.max_recall_drop,
+                             cand["earlier_at_fpr"][fpr] >= prod["earlier_at_fpr"][fpr] - gates.max_recall_drop, ">=", None)
+         for fpr in gates.compare_at_fpr}
+    n_small = min(evidence.get("test_ai", 0), evidence.get("test_humans", 0))
+    eer_slack = None
+    if gates.max_eer_increase is not None:
+        eer_slack = max(gates.max_eer_increase, 1 / n_small) if gates.eer_step_floor and n_small else gates.max_eer_increase
+        results["eer_vs_production"] = (cand["eer"], prod["eer"] + eer_slack, cand["eer"] <= prod["eer"] + eer_slack, "<=", None)
+    results |= {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
+                                                   acc >= prod["head_accuracy"][head] - gates.max_head_accuracy_drop, ">=", None)
+                for head, acc in sorted(cand["head_accuracy"].items())}
     if gates.max_tries_per_split:
         results["tries_on_gate_data"] = (tries, gates.max_tries_per_split, tries <= gates.max_tries_per_split, "<=", None)
     out = {}
@@ -141,8 +150,9 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
         if r is not None:
             out[name] |= {"estimate": round(r["value"], 4), "interval": [round(r["low"], 4), round(r["high"], 4)],
                           "count": f"{r['k']}/{r['n']}", "gated_on": "pessimistic end" if v != r["value"] else "estimate"}
-    out["eer_vs_production"]["tolerance"] = (f"{eer_slack:.4f}: one clip of {n_small}" if eer_slack > gates.max_eer_increase
-                                             else f"{eer_slack:.4f}: max_eer_increase")
+    if eer_slack is not None:
+        out["eer_vs_production"]["tolerance"] = (f"{eer_slack:.4f}: one clip of {n_small}" if eer_slack > gates.max_eer_increase
+                                                 else f"{eer_slack:.4f}: max_eer_increase")
     if gates.frozen_heads_unchanged:
         out["frozen_weights_unchanged"] = {"value": frozen, "limit": "bit-identical", "passed": all(frozen.values()),
                                            "rule": "frozen parts bit-identical"}
@@ -188,7 +198,7 @@ def validate(candidate: Detector, production: Detector, finetune_report: dict, p
                 fpr = fpr | {"unavailable": str(err)}
         out[name] = {
             "threshold": thr, "eer": compute_eer(s, y)[0], "auc": tables["overall"]["auc"],
-            "earlier_at_fpr": recall_at_fpr(s, y, gates.compare_at_fpr),
+            "earlier_at_fpr": {fpr: recall_at_fpr(s, y, fpr) for fpr in gates.compare_at_fpr},
             "fpr": fpr, "recall": rate(int((earlier >= thr).sum()), len(earlier)),
             "new_recall": rate(int(sum(caught)), len(caught)), "n_test": len(kept), "n_new": len(new_kept),
             "operating_points": operating_points(humans, np.array(new_scores), earlier, gates.operating_points),
