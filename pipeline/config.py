@@ -308,8 +308,9 @@ class GatesConfig(Section):
 
     min_new_recall: float = Field(0.9, ge=0, le=1)
     max_human_fpr: float = Field(0.05, ge=0, le=1)
-    compare_at_fpr: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field((0.01, 0.05, 0.10), min_length=1, description="the human FPRs (on the "
-                                              "test humans) at which candidate and production are compared, both at one")
+    compare_at_fpr: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
+        (0.01, 0.05, 0.10), min_length=1,
+        description="the human FPRs (on the test humans) at which candidate and production are compared, both at one")
     max_recall_drop: float = Field(0.05, ge=0, le=1, description="recall on earlier AI generators at each compare_at_fpr "
                                    "may fall this much below production's (no forgetting)")
     max_eer_increase: float | None = Field(None, ge=0, le=1, description="null: the EER is reported, not gated (each model's "
