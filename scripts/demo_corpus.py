@@ -62,7 +62,7 @@ PAUSE_S = (0.15, 0.4)  # pause between joined words
 GSM = {"format": "RAW", "subtype": "GSM610", "samplerate": SAMPLE_RATE, "channels": 1}
 GSM_FRAME = (33, 160)  # bytes and samples of one GSM 06.10 frame
 WORKERS = 2
-BUILD_VERSION = 4
+BUILD_VERSION = 5  # 5: seeded piper clips
 
 MANIFEST_COLUMNS = (
     "path", "label", "generator", "speaker", "language",
@@ -254,7 +254,8 @@ def build_demo_corpus(
         return corpus
 
     check_system_requirements()
-    piper_voice = _load_piper() if n_new else None
+    if n_new:
+        _load_piper()  # fail before the build when piper or its voice is missing
     started = time.monotonic()
     _clear(corpus)
     counts = _human_counts(n_human, seed)
@@ -270,7 +271,7 @@ def build_demo_corpus(
                 _human_clips(corpus, counts, material, seed)
                 + _holdout_clips(corpus, material, seed)
                 + _ai_clips(corpus, plan, material, seed, work)
-                + _new_generator_clips(corpus, piper_voice, n_new, material, seed)
+                + _new_generator_clips(corpus, n_new, material, seed)
             )
             rows = [row for row in pool.map(partial(_produce, root=out_dir, seed=seed), clips) if row]
     finally:
@@ -524,8 +525,8 @@ def _ai_clips(corpus: DemoCorpus, plan: dict[str, list[tuple[Voice, str]]], mate
     return clips
 
 
-def _new_generator_clips(corpus: DemoCorpus, piper_voice: Any, n_new: int,
-                         material: dict[str, list[Prompt]], seed: int) -> list[Clip]:
+def _new_generator_clips(corpus: DemoCorpus, n_new: int, material: dict[str, list[Prompt]],
+                         seed: int) -> list[Clip]:
     v = PIPER_VOICE
     stream = _sentences(material, v.language, f"{seed}:{v.engine}")
     clips = []
@@ -533,7 +534,7 @@ def _new_generator_clips(corpus: DemoCorpus, piper_voice: Any, n_new: int,
         prompt = next(stream)
         dest = corpus.new_generator_dir / f"{v.generator}-{i:03d}-{_safe(prompt.name)}.wav"
         clips.append(Clip(dest, "ai", v.generator, v.speaker, v.language, v.engine, v.license,
-                          partial(_synthesize_piper, piper_voice, prompt.text), in_manifest=False))
+                          partial(_synthesize_piper, prompt.text, seed * 1000 + i), in_manifest=False))
     return clips
 
 
@@ -558,9 +559,15 @@ def _synthesize(voice: Voice, text: str, work: Path) -> tuple[np.ndarray, int]:
         return _read_audio(wav)
 
 
-def _synthesize_piper(piper_voice: Any, text: str) -> tuple[np.ndarray, int]:
-    with _PIPER_LOCK:  # piper's embedded espeak-ng phonemizer is not thread-safe
-        chunks = list(piper_voice.synthesize(text))
+def _synthesize_piper(text: str, seed: int) -> tuple[np.ndarray, int]:
+    """piper's VITS draws noise inside its ONNX graph, from a generator seeded when the session is made:
+    a session per clip, made after seeding onnxruntime, makes each clip a function of (corpus seed, clip)
+    whatever order the pool renders it in (one shared session gave other audio on every build)."""
+    import onnxruntime
+
+    with _PIPER_LOCK:  # piper's embedded espeak-ng phonemizer is not thread-safe; the seed is process-wide
+        onnxruntime.set_seed(seed)
+        chunks = list(_load_piper().synthesize(text))
     return np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -17,6 +18,7 @@ from demo_corpus import (
     DemoCorpusError,
     _ai_plan,
     _human_counts,
+    _synthesize_piper,
     build_demo_corpus,
     check_system_requirements,
 )
@@ -130,3 +132,18 @@ def test_rebuild_is_reused_and_deterministic(corpus: DemoCorpus, tmp_path: Path)
     again = _build(tmp_path / "again")
     assert _wavs(again.root) == _wavs(corpus.root), "same seed must give the same file list"
     assert again.manifest.read_text() == corpus.manifest.read_text(), "same seed must give the same manifest"
+    # the audio too, the new generator's included: piper samples noise, and a corpus that differs between
+    # builds of one seed made the demo's trials of that seed different draws
+    changed = [w for w in _wavs(corpus.root) if (again.root / w).read_bytes() != (corpus.root / w).read_bytes()]
+    assert not changed, f"same seed must give the same audio: {changed}"
+
+
+def test_a_piper_clip_is_the_same_whatever_the_pool_rendered_before_it() -> None:
+    # piper's VITS samples noise; the build's pool renders clips in whatever order its threads take them
+    pytest.importorskip("piper", reason="piper-tts is a demo extra")
+    first, sr = _synthesize_piper("Please hold.", seed=3)
+    _synthesize_piper("Marked non urgent.", seed=4)   # another clip in between draws from the noise too
+    again, _ = _synthesize_piper("Please hold.", seed=3)
+    assert sr > 0 and np.array_equal(first, again), "one clip's audio must not depend on what was rendered before it"
+    other, _ = _synthesize_piper("Please hold.", seed=4)
+    assert len(other) != len(first) or not np.array_equal(other, first), "another clip seed draws other noise"
