@@ -562,7 +562,7 @@ def _synthesize(voice: Voice, text: str, work: Path) -> tuple[np.ndarray, int]:
 def _synthesize_piper(text: str, seed: int) -> tuple[np.ndarray, int]:
     """piper's VITS draws noise inside its ONNX graph, from a generator seeded when the session is made:
     a session per clip, made after seeding onnxruntime, makes each clip a function of (corpus seed, clip)
-    whatever order the pool renders it in (one shared session gave other audio on every build)."""
+    whatever order the pool renders it in (one shared session gave each clip noise that hung on that order)."""
     import onnxruntime
 
     with _PIPER_LOCK:  # piper's embedded espeak-ng phonemizer is not thread-safe; the seed is process-wide
