@@ -84,6 +84,14 @@ def rate(k: int, n: int) -> dict:
     return {"value": k / n if n else float("nan"), "k": int(k), "n": int(n), "low": lo, "high": hi}
 
 
+EARLIER_GATE = "earlier_ai_recall_vs_production"   # the validate gates on recall of earlier AI, one per human FPR
+
+
+def at_fpr(fpr: float) -> str:
+    """How a figure read at one human FPR is named, in the metrics and in the gates: 0.01 -> "at_1pct_fpr"."""
+    return f"at_{fpr * 100:g}pct_fpr"
+
+
 def recall_at_fpr(scores, labels, target_fpr: float) -> float:
     """Recall on the AI clips at the threshold that lets at most target_fpr of these humans through:
     the operating point that puts two models on the same footing."""

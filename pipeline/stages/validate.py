@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.io import registry, tracking, version_report
 from pipeline.config import Params
+from pipeline.core.metrics import at_fpr
 from pipeline.core.model import load_checkpoint
 from pipeline.core.scoring import threshold_mismatch
 from pipeline.faults import fault_point
@@ -30,8 +31,8 @@ def summary(m: dict) -> dict:
         r = m[key]
         out |= {key: r["value"], f"{key}_low": r["low"], f"{key}_high": r["high"]}
     for point in m["operating_points"]:
-        pct = f"{point['human_fpr'] * 100:g}pct"
-        out |= {f"new_recall_at_{pct}_fpr": point["new_recall"], f"earlier_ai_recall_at_{pct}_fpr": point["earlier_ai_recall"]}
+        at = at_fpr(point["human_fpr"])
+        out |= {f"new_recall_{at}": point["new_recall"], f"earlier_ai_recall_{at}": point["earlier_ai_recall"]}
     return out | {f"{h}_accuracy": a for h, a in m["head_accuracy"].items()}
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
-from pipeline.core.metrics import det_points, wilson  # noqa: E402
+from pipeline.core.metrics import EARLIER_GATE, det_points, wilson  # noqa: E402
 
 MODELS = ("candidate", "production")
 COLOURS = {"candidate": "tab:blue", "production": "tab:orange"}
@@ -30,9 +30,6 @@ _DET_TICKS = [0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95]
 
 
 # --- the one-line descriptions of registry versions ---
-
-EARLIER = "earlier_ai_recall_vs_production"   # the no-forgetting gates' prefix (one per compared human FPR)
-
 
 def describe_candidate(verdict: dict, metrics: dict, *, base_version: int | None, data_hash: str,
                        trigger: str) -> str:
@@ -47,7 +44,7 @@ def describe_candidate(verdict: dict, metrics: dict, *, base_version: int | None
         return f"{head}: INSUFFICIENT EVIDENCE - " + "; ".join(m.split(" (")[0] for m in verdict["missing_evidence"])
     gates = verdict["gates"]
     failed = [n for n, g in gates.items() if not g["passed"]]
-    earlier = [n for n in gates if n.startswith(EARLIER)][:1]   # the first operating point: the served 1 % by default
+    earlier = [n for n in gates if n.startswith(EARLIER_GATE)][:1]   # the first operating point: the served 1 % by default
     shown = failed[:3] if failed else [n for n in ("new_generator_recall", "human_fpr", *earlier) if n in gates]
     figures = [_figure(n, gates[n], metrics) for n in shown]
     return f"{head}: {status.upper()} - " + "; ".join(figures)
@@ -57,10 +54,10 @@ def _figure(name: str, gate: dict, metrics: dict) -> str:
     """One gate as a short phrase: value, count or interval, and what it was held to."""
     label = {"new_generator_recall": "new-generator recall (held out)", "human_fpr": "human FPR",
              "eer_vs_production": "EER"}.get(name, name.replace("_", " "))
-    if name.startswith(EARLIER):   # earlier_ai_recall_vs_production_at_1pct_fpr (a verdict before 2026-11-28: no suffix)
-        point = name[len(EARLIER):].removeprefix("_at_")
-        ref = metrics.get("production", {}).get(f"earlier_ai_recall_at_{point}") if point else None
-        label = "earlier-AI recall at equal FPR" + (f" ({point.replace('pct_fpr', ' %')})" if point else "")
+    if name.startswith(EARLIER_GATE):   # + "_at_1pct_fpr" (metrics.at_fpr); a verdict before 2026-11-28 has no suffix
+        at = name[len(EARLIER_GATE) + 1:]
+        ref = metrics.get("production", {}).get(f"earlier_ai_recall_{at}") if at else None
+        label = "earlier-AI recall at equal FPR" + (f" ({at.removeprefix('at_').replace('pct_fpr', ' %')})" if at else "")
         return f"{label} {gate['value']:.2f} (rule {gate['rule']}" + (f", champion {ref:.2f})" if ref is not None else ")")
     if name == "frozen_weights_unchanged":
         return "frozen weights changed: " + ", ".join(k for k, same in gate["value"].items() if not same)

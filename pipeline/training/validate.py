@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config import GatesConfig, Params
 from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips, read_corpus
-from pipeline.core.metrics import compute_eer, rate, recall_at_fpr, threshold_at_fpr
+from pipeline.core.metrics import EARLIER_GATE, at_fpr, compute_eer, rate, recall_at_fpr, threshold_at_fpr
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
 from pipeline.progress import progress
@@ -108,7 +108,7 @@ def operating_points(humans: np.ndarray, new: np.ndarray, earlier_ai: np.ndarray
 
 def earlier_gate(fpr: float) -> str:
     """The no-forgetting gate's name at one human FPR, as the metrics name that operating point."""
-    return f"earlier_ai_recall_vs_production_at_{fpr * 100:g}pct_fpr"
+    return f"{EARLIER_GATE}_{at_fpr(fpr)}"
 
 
 def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries: int, gates: GatesConfig) -> dict:
@@ -134,9 +134,9 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
     } | {earlier_gate(fpr): (cand["earlier_at_fpr"][fpr], prod["earlier_at_fpr"][fpr] - gates.max_recall_drop,
                              cand["earlier_at_fpr"][fpr] >= prod["earlier_at_fpr"][fpr] - gates.max_recall_drop, ">=", None)
          for fpr in gates.compare_at_fpr}
-    n_small = min(evidence.get("test_ai", 0), evidence.get("test_humans", 0))
     eer_slack = None
     if gates.max_eer_increase is not None:
+        n_small = min(evidence.get("test_ai", 0), evidence.get("test_humans", 0))
         eer_slack = max(gates.max_eer_increase, 1 / n_small) if gates.eer_step_floor and n_small else gates.max_eer_increase
         results["eer_vs_production"] = (cand["eer"], prod["eer"] + eer_slack, cand["eer"] <= prod["eer"] + eer_slack, "<=", None)
     results |= {f"{head}_accuracy_vs_production": (acc, prod["head_accuracy"][head] - gates.max_head_accuracy_drop,
