@@ -191,7 +191,6 @@ class TrainConfig(Section):
     twin_fraction: float = Field(0.5, ge=0, le=1)
     trim_silence_db: float = Field(40.0, ge=0, description="training crops stay inside the clip's voiced region: "
                                    "frames this many dB below its loudest frame at either end are cut (0 = off)")
-    loss: Literal["ce", "ocsoftmax"] = "ce"
     epochs: int = Field(12, gt=0)
     steps_per_epoch: int = Field(40, gt=0)
     batch_size: int = Field(32, gt=0)
