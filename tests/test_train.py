@@ -9,10 +9,12 @@ from pipeline.training.train import bootstrap
 pytestmark = pytest.mark.integration
 
 
-def test_bootstrap_reports_and_is_deterministic(small_corpus, tiny_params, tmp_path):
+def test_bootstrap_reports_and_is_deterministic(small_corpus, tiny_params, tmp_path, caplog):
     first = bootstrap(small_corpus.root, tiny_params, tmp_path / "a.pt", tmp_path / "a.json")
     with_workers = tiny_params.model_copy(update={"compute": tiny_params.compute.model_copy(update={"batch_workers": 2})})
-    second = bootstrap(small_corpus.root, with_workers, tmp_path / "b.pt", tmp_path / "b.json")
+    with caplog.at_level("INFO", logger="pipeline.training.train"):
+        second = bootstrap(small_corpus.root, with_workers, tmp_path / "b.pt", tmp_path / "b.json")
+    assert "batch workers: 2 per training process" in caplog.text, "the log says how the batches were made"
     a = load_checkpoint(tmp_path / "a.pt", tiny_params.audio).state_dict()
     b = load_checkpoint(tmp_path / "b.pt", tiny_params.audio).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), \

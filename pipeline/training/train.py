@@ -281,8 +281,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     use_amp = cfg.amp and device.type == "cuda"
     best, history, early = None, [], EarlyStopping(cfg.patience)
     average, average_from = None, int(cfg.swa_start * cfg.epochs * cfg.steps_per_epoch)
-    shards = shard_stream(sampler, params, languages, cfg.epochs * cfg.steps_per_epoch, rank, world,
-                          batch_workers(params, world))
+    workers = batch_workers(params, world)
+    if rank == 0:
+        log.info("batch workers: %d per training process (compute.batch_workers: %s)", workers,
+                 params.compute.batch_workers)
+    shards = shard_stream(sampler, params, languages, cfg.epochs * cfg.steps_per_epoch, rank, world, workers)
     started = time.monotonic()
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
