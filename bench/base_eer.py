@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="overrides for every config, key=json")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--fold-seed", type=int, help="draw the source folds with this seed (default train.seed), "
+                    "e.g. to run training seeds as separate jobs on one set of folds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core host)")
     ap.add_argument("--keep-models", type=Path, help="save the fold models of the LAST config here")
     ap.add_argument("--render", nargs="+", type=Path, help="print the table of these result files and exit")
@@ -91,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.twins_dir else ""
         started = time.time()
         keep = args.keep_models if args.keep_models and i == len(args.config) - 1 else None
-        result = leave_sources_out(args.corpus, params, args.folds, args.seeds, twins=twins, keep_models=keep)
+        result = leave_sources_out(args.corpus, params, args.folds, args.seeds, twins=twins, keep_models=keep,
+                                   fold_seed=args.fold_seed)
         result |= {"config": name, "vocoders": vocoders, "overrides": overrides, "machine": machine(),
-                   "threads": args.threads, "bench_wall_s": round(time.time() - started, 1)}
+                   "threads": args.threads, "fold_seed": args.fold_seed, "bench_wall_s": round(time.time() - started, 1)}
         write_json(RESULTS / f"base_eer_{name}.json", result)
         rows.append(row(result))
         print(md_table(rows[-1:], floatfmt="{:.3f}"), flush=True)

@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 
 from pipeline.apps.cli import main as aivoice
-from pipeline.core.data import Clip, CorpusError, read_corpus
+from pipeline.core.data import Clip, CorpusError, read_corpus, source_groups
 from pipeline.io import registry, tracking
 from pipeline.training.audit import audit_corpus
-from pipeline.training.lso import matched_pair_sources, source_folds, summarise_seed
+from pipeline.training.lso import leave_sources_out, matched_pair_sources, source_folds, summarise_seed
 
 from conftest import make_speech_like
 
@@ -73,6 +73,20 @@ def test_evaluate_trains_a_model_per_fold_and_tracks_them(small_corpus, tiny_par
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2, "a parent run and one child run per fold"
     assert "lso_pooled_eer" in parents[0].data.metrics, "the parent logs the summary"
+
+
+@pytest.mark.integration
+def test_training_seeds_run_apart_share_the_folds_of_fold_seed(small_corpus, tiny_params):
+    # given: a training seed other than the one the folds are drawn with (seeds run as separate jobs)
+    clips = read_corpus(small_corpus.root)
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"seed": 7})})
+    # when: evaluated with the folds of seed 0
+    result = leave_sources_out(small_corpus.root, params, 2, fold_seed=0)
+    # then: the held-out sources are seed 0's folds, not seed 7's
+    linked = source_groups(params.train.linked_sources)
+    expected = source_folds(clips, 2, 0, linked)
+    assert source_folds(clips, 2, 7, linked) != expected, "precondition: seed 7 draws other folds"
+    assert result["folds"] == expected, "folds drawn with fold_seed"
 
 
 @pytest.mark.integration

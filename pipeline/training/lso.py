@@ -139,18 +139,19 @@ def _split_by(idx: np.ndarray, src: np.ndarray, sources: list[str]) -> list[np.n
 
 
 def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1, twins: str | Path | None = None,
-                      on_fold=None, keep_models: str | Path | None = None) -> dict:
+                      on_fold=None, keep_models: str | Path | None = None, fold_seed: int | None = None) -> dict:
     """Train K fold models per seed with the bootstrap recipe and score each fold's held-out sources.
     `on_fold(result)` is called after each training (MLflow child runs); with `keep_models` each fold
     model is saved there as seed<s>_fold<f>.pt (its held-out sources in its notes), e.g. as the bases of
-    a leave-one-generator-out few-shot benchmark."""
+    a leave-one-generator-out few-shot benchmark. The folds are drawn with `fold_seed` (default
+    train.seed), so training seeds run as separate jobs can share one set of folds."""
     started = time.time()
     cfg = params.train
     linked = source_groups(cfg.linked_sources)
     everything = with_twins(read_corpus(corpus), cfg.twins if twins is None else twins)
     real = [c for c in everything if not c.twin_of]
     check_two_classes(real, f"corpus {corpus}")
-    folds = source_folds(real, k, cfg.seed, linked)
+    folds = source_folds(real, k, cfg.seed if fold_seed is None else fold_seed, linked)
     cache: dict[Path, LoadedClip] = {it.clip.path: it for it in load_clips(everything, params)}
     per_seed, fold_runs = [], []
     bar = progress(total=seeds * len(folds), desc="evaluate", unit="fold", leave=True)
