@@ -42,14 +42,16 @@ class AudioConfig(Section):
 class FeatureConfig(Section):
     """Spectrogram front end of NEW models (a trained model carries its own in its checkpoint).
 
-    kind: `mel` (n_mels bins, the production front end) or `linear` (n_fft/2+1 log-linear bins,
-    which keep the high-frequency detail vocoders leave; Mueller et al. 2022). normalize: `rms` scales
+    kind: `mel` (n_mels bins, the production front end), `linear` (n_fft/2+1 log-linear bins,
+    which keep the high-frequency detail vocoders leave; Mueller et al. 2022) or `linear_bands` (n_mels
+    triangular bands spaced evenly in Hz, the LFCC filterbank without its DCT: the high-frequency
+    resolution of a linear scale at the mel front end's cost). normalize: `rms` scales
     each window to one RMS before the log, so neither level nor the log floor can be a cue; `cmn`
     removes each bin's mean over the window (cepstral mean normalisation: a fixed channel response, a
     microphone's or a page's filter, is a constant per bin in the log domain); `none` is the production
     front end's behaviour (gain-invariant only through the mean removal)."""
 
-    kind: Literal["mel", "linear"] = "mel"
+    kind: Literal["mel", "linear", "linear_bands"] = "mel"
     normalize: Literal["none", "rms", "cmn"] = "none"
     n_mels: int = Field(80, gt=0)
     n_fft: int = Field(1024, gt=0)

@@ -98,6 +98,22 @@ def test_linear_front_end_keeps_every_stft_bin(default_params, speech_like):
     assert torch.isfinite(spec).all() and abs(float(spec.mean())) < 1e-4, "finite and mean-removed"
 
 
+def test_linear_bands_are_evenly_spaced_in_hz_where_mel_bins_widen(default_params):
+    # given: pure tones every 2 kHz from 2 to 10 kHz
+    sr = default_params.audio.sample_rate
+    t = torch.arange(3 * sr) / sr
+    tones = torch.stack([0.1 * torch.sin(2 * torch.pi * f * t) for f in (2000, 4000, 6000, 8000, 10000)])
+    peak = lambda kind: FrontEnd(default_params.audio, default_params.features.model_copy(update={"kind": kind}))(
+        tones).mean(-1)[:, 0].argmax(-1)
+    bands, mel = peak("linear_bands"), peak("mel")
+    # then: each tone peaks in a band as many bands on as the tones are apart in Hz; mel bins widen with frequency
+    steps = bands.diff()
+    assert steps.max() - steps.min() <= 1 and steps.min() >= 12, f"even steps of ~13 bands: {bands.tolist()}"
+    assert mel.diff()[-1] < mel.diff()[0] - 3, f"premise: mel's steps shrink: {mel.tolist()}"
+    assert FrontEnd(default_params.audio, default_params.features.model_copy(update={"kind": "linear_bands"}))(
+        tones[:1]).shape == (1, 1, default_params.features.n_mels, 301), "n_mels bands, the mel front end's shape"
+
+
 # ---------------------------------------------------------------------------------------------
 # fit_length and random_crop
 

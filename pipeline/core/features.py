@@ -25,7 +25,8 @@ RMS_LEVEL = 0.1   # the level every window is scaled to with normalize: rms
 
 class FrontEnd(torch.nn.Module):
     """(B, samples) waveform -> (B, 1, bins, frames) mean-normalised log power spectrogram:
-    `n_mels` mel bins (kind mel) or n_fft/2+1 linear bins (kind linear)."""
+    `n_mels` mel bins (kind mel), n_fft/2+1 linear bins (kind linear) or `n_mels` bands spaced evenly
+    in Hz (kind linear_bands)."""
 
     def __init__(self, audio: AudioConfig, feats: FeatureConfig) -> None:
         super().__init__()
@@ -38,13 +39,19 @@ class FrontEnd(torch.nn.Module):
                 sample_rate=audio.sample_rate, f_min=feats.f_min, f_max=feats.f_max, n_mels=feats.n_mels, **common)
         else:
             self.spec = torchaudio.transforms.Spectrogram(**common)
+        bands = torchaudio.functional.linear_fbanks(feats.n_fft // 2 + 1, feats.f_min, feats.f_max, feats.n_mels,
+                                                    audio.sample_rate) if feats.kind == "linear_bands" else None
+        self.register_buffer("bands", bands, persistent=False)   # (n_fft/2+1, n_mels) or None
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         wave = wave.float()
         if self.rms:
             wave = wave * (RMS_LEVEL / wave.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-8))
-        spec = self.spec(wave).clamp_min(self.floor).log()  # (B, bins, T)
+        spec = self.spec(wave)  # (B, bins, T)
+        if self.bands is not None:
+            spec = (spec.transpose(1, 2) @ self.bands).transpose(1, 2)
+        spec = spec.clamp_min(self.floor).log()
         spec = spec - spec.mean(dim=self.mean_dims, keepdim=True)
         return spec.unsqueeze(1)  # (B, 1, bins, T)
 
