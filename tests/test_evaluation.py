@@ -80,12 +80,12 @@ def test_training_seeds_run_apart_share_the_folds_of_fold_seed(small_corpus, tin
     # given: a training seed other than the one the folds are drawn with (seeds run as separate jobs)
     clips = read_corpus(small_corpus.root)
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"seed": 7})})
-    # when: evaluated with the folds of seed 0
-    result = leave_sources_out(small_corpus.root, params, 2, fold_seed=0)
-    # then: the held-out sources are seed 0's folds, not seed 7's
     linked = source_groups(params.train.linked_sources)
     expected = source_folds(clips, 2, 0, linked)
     assert source_folds(clips, 2, 7, linked) != expected, "precondition: seed 7 draws other folds"
+    # when: evaluated with the folds of seed 0
+    result = leave_sources_out(small_corpus.root, params, 2, fold_seed=0)
+    # then: the held-out sources are seed 0's folds, not seed 7's
     assert result["folds"] == expected, "folds drawn with fold_seed"
 
 
