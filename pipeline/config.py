@@ -43,15 +43,17 @@ class FeatureConfig(Section):
     """Spectrogram front end of NEW models (a trained model carries its own in its checkpoint).
 
     kind: `mel` (n_mels bins, the production front end), `linear` (n_fft/2+1 log-linear bins,
-    which keep the high-frequency detail vocoders leave; Mueller et al. 2022) or `linear_bands` (n_mels
+    which keep the high-frequency detail vocoders leave; Mueller et al. 2022), `linear_bands` (n_mels
     triangular bands spaced evenly in Hz, the LFCC filterbank without its DCT: the high-frequency
-    resolution of a linear scale at the mel front end's cost). normalize: `rms` scales
+    resolution of a linear scale at the mel front end's cost) or `auto`: linear_bands when the training
+    humans are wideband, mel when they are telephone audio (`pipeline.core.features.resolve_kind`, chosen
+    when a model is trained; its checkpoint records the kind it got). normalize: `rms` scales
     each window to one RMS before the log, so neither level nor the log floor can be a cue; `cmn`
     removes each bin's mean over the window (cepstral mean normalisation: a fixed channel response, a
     microphone's or a page's filter, is a constant per bin in the log domain); `none` is the production
     front end's behaviour (gain-invariant only through the mean removal)."""
 
-    kind: Literal["mel", "linear", "linear_bands"] = "mel"
+    kind: Literal["auto", "mel", "linear", "linear_bands"] = "mel"
     normalize: Literal["none", "rms", "cmn"] = "none"
     n_mels: int = Field(80, gt=0)
     n_fft: int = Field(1024, gt=0)
@@ -60,6 +62,11 @@ class FeatureConfig(Section):
     f_min: float = Field(20.0, ge=0)
     f_max: float = Field(12000.0, gt=0)
     log_floor: float = Field(1e-6, gt=0)
+
+    def without_auto(self) -> "FeatureConfig":
+        """`auto` read as the production mel: for models with no training audio to choose from (imported
+        weights, which are production log-mel models, and untrained ones in benchmarks)."""
+        return self.model_copy(update={"kind": "mel"}) if self.kind == "auto" else self
 
     @model_validator(mode="after")
     def _check(self) -> "FeatureConfig":

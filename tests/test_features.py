@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchaudio
 
 from pipeline.config import AudioConfig, FeatureConfig, load_params
-from pipeline.core.features import FrontEnd, fit_length, random_crop, stream_windows, window_starts, windows
+from pipeline.core.features import (WIDEBAND_EDGE_HZ, FrontEnd, fit_length, random_crop, resolve_kind, spectral_edge_hz, stream_windows,
+                                    window_starts, windows)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,42 @@ def test_linear_bands_are_evenly_spaced_in_hz_where_mel_bins_widen(default_param
     assert mel.diff()[-1] < mel.diff()[0] - 3, f"premise: mel's steps shrink: {mel.tolist()}"
     assert FrontEnd(default_params.audio, default_params.features.model_copy(update={"kind": "linear_bands"}))(
         tones[:1]).shape == (1, 1, default_params.features.n_mels, 301), "n_mels bands, the mel front end's shape"
+
+
+def _wide_and_telephone(speech_like, sr):
+    wide = speech_like(3.0, sr, noise=0.03)   # harmonics plus a floor up to Nyquist
+    down = torchaudio.functional.resample(torch.from_numpy(wide), sr, 8000)
+    return wide, torchaudio.functional.resample(down, 8000, sr).numpy()   # 8 kHz telephone audio, back at sr
+
+
+def test_spectral_edge_finds_where_the_band_ends_whatever_the_sample_rate(default_params, speech_like):
+    # given: one signal at 24 kHz, and the same after a trip through 8 kHz (a telephone recording resampled)
+    sr = default_params.audio.sample_rate
+    wide, telephone = _wide_and_telephone(speech_like, sr)
+    # then: the first reaches Nyquist, the second ends near 4 kHz (plus the resampler's transition band),
+    # well below the wideband mark, although both are 24 kHz
+    assert spectral_edge_hz(wide, sr) >= 11000, spectral_edge_hz(wide, sr)
+    assert 3000 <= spectral_edge_hz(telephone, sr) <= WIDEBAND_EDGE_HZ - 1000, spectral_edge_hz(telephone, sr)
+    with pytest.raises(ValueError, match="empty"):
+        spectral_edge_hz(np.zeros(0, np.float32), sr)
+
+
+def test_auto_front_end_is_linear_bands_for_wideband_humans_and_mel_for_telephone(default_params, speech_like):
+    sr = default_params.audio.sample_rate
+    wide, telephone = _wide_and_telephone(speech_like, sr)
+    auto = default_params.features.model_copy(update={"kind": "auto"})
+    # when auto is resolved on mostly wideband humans, then on mostly telephone ones
+    feats, choice = resolve_kind(auto, [wide, wide, telephone], sr)
+    assert feats.kind == "linear_bands" and choice["human_edge_khz"] >= 11, choice
+    feats, choice = resolve_kind(auto, [telephone, telephone, wide], sr)
+    assert feats.kind == "mel" and choice["human_edge_khz"] <= 5, choice
+    assert feats.model_copy(update={"kind": "auto"}) == auto, "only the kind is chosen"
+    # and a concrete kind is kept as given; auto with no humans, or unresolved in a front end, is an error
+    assert resolve_kind(default_params.features, [telephone], sr)[0] == default_params.features
+    with pytest.raises(ValueError, match="no human"):
+        resolve_kind(auto, [], sr)
+    with pytest.raises(ValueError, match="resolved"):
+        FrontEnd(default_params.audio, auto)
 
 
 # ---------------------------------------------------------------------------------------------

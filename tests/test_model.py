@@ -139,6 +139,18 @@ def test_import_foreign_state_dict(params, tmp_path):
     assert model.meta.base_width == 16 and model.meta.languages == ("en", "fr", "de")
 
 
+def test_auto_front_end_means_production_mel_for_models_not_trained_here(params, tmp_path):
+    # given params with features.kind auto (chosen from the training audio, which an import has none of)
+    auto = params.model_copy(update={"features": params.features.model_copy(update={"kind": "auto"})})
+    _, sd = _production_like_state_dict(params)
+    torch.save(sd, tmp_path / "multitask_English.pt")
+    # then an imported production checkpoint and an untrained model both record the production mel
+    imported, _ = import_checkpoint(tmp_path / "multitask_English.pt", auto, ["en", "fr", "de"])
+    fresh = new_model(["en"], auto.audio, auto.features, base_width=8, dropout=0.0)
+    assert imported.meta.feature_config().kind == fresh.meta.feature_config().kind == "mel"
+    assert fresh.meta.feature_config() == params.features.model_copy(update={"kind": "mel"}), "only the kind changes"
+
+
 def test_import_reports_every_mismatch(params, tmp_path):
     _, sd = _production_like_state_dict(params)
     sd["extra_branch.weight"] = torch.zeros(3)

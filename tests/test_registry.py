@@ -305,7 +305,7 @@ def test_bootstrap_stage_registers_its_model_as_the_base_champion(mlflow_store, 
     fake = {"checkpoint": str(ckpt), "data_hash": "data-4", "history": [{"epoch": 1, "loss": 0.5}],
             "calibration": {"threshold": 0.5, "n_humans": 60, "target_fpr": 0.01},
             "validation": {"overall": overall, "threshold": 0.5}, "n_train": 300, "n_twins": 100, "n_val": 2,
-            "val_sources": ["a", "b"], "split_by": "source",
+            "val_sources": ["a", "b"], "split_by": "source", "front_end": {"kind": "linear_bands"},
             "val_scores": [{"ai_score": 0.1, "label": "human"}, {"ai_score": 0.9, "label": "ai"}]}
     monkeypatch.setattr(stage, "bootstrap", lambda *a, **k: fake)
     monkeypatch.setattr(stage, "write_plots", lambda *a, **k: None)
@@ -315,9 +315,11 @@ def test_bootstrap_stage_registers_its_model_as_the_base_champion(mlflow_store, 
     assert registry.aliases() == {CHAMPION: result["model_version"]}, f"bootstrap makes champion: {registry.aliases()}"
     # and it reads as one line in the registry: how it was made, on which data, what it measured
     line = registry.model_version(result["model_version"]).description
-    assert line == ("Base model trained by bootstrap on unused-corpus (300 clips, 100 of them twins), data data-4, "
+    assert line == ("Base model trained by bootstrap on unused-corpus (300 clips, 100 of them twins; front end "
+                    "linear_bands), data data-4, "
                     "not judged by gates: EER 0.200 on 2 clips of 2 held-out sources; threshold 0.500 at 1% FPR on "
                     "60 humans"), line
+    assert registry.model_version(result["model_version"]).tags["front_end"] == "linear_bands", "tagged too"
 
 
 def test_promotion_is_refused_when_the_champion_moved_since_validation(mlflow_store, tiny_checkpoint):

@@ -33,6 +33,8 @@ class FrontEnd(torch.nn.Module):
         self.floor = feats.log_floor
         self.rms = feats.normalize == "rms"
         self.mean_dims = (2,) if feats.normalize == "cmn" else (1, 2)  # per bin over time, or the whole window
+        if feats.kind == "auto":
+            raise ValueError("features.kind auto is resolved from the training audio first (resolve_kind)")
         common = dict(n_fft=feats.n_fft, win_length=feats.win_length, hop_length=feats.hop_length, power=2.0, center=True)
         if feats.kind == "mel":
             self.spec = torchaudio.transforms.MelSpectrogram(
@@ -54,6 +56,42 @@ class FrontEnd(torch.nn.Module):
         spec = spec.clamp_min(self.floor).log()
         spec = spec - spec.mean(dim=self.mean_dims, keepdim=True)
         return spec.unsqueeze(1)  # (B, 1, bins, T)
+
+
+WIDEBAND_EDGE_HZ = 6000.0   # telephone audio ends at 3.4-4 kHz, 16 kHz recordings near 8 kHz: well apart
+EDGE_BELOW_PEAK_DB = 50.0   # a band this far below the loudest one is the recording's floor, not its signal
+
+
+def spectral_edge_hz(wave: np.ndarray, sample_rate: int) -> float:
+    """Where a recording's band ends: the top of the highest 100 Hz band whose mean power is within
+    `EDGE_BELOW_PEAK_DB` of the loudest band's. Resampling does not move it (8 kHz telephone audio at
+    24 kHz still ends near 4 kHz), unlike the file's sample rate."""
+    x = np.asarray(wave, dtype=np.float64)[:sample_rate * 30]
+    if not len(x):
+        raise ValueError("cannot measure the band of an empty clip")
+    power = np.abs(np.fft.rfft(x)) ** 2
+    n_bands = max(1, int(sample_rate / 2 // 100))
+    band = np.minimum((np.fft.rfftfreq(len(x), 1 / sample_rate) / 100).astype(int), n_bands - 1)
+    mean = np.bincount(band, power, n_bands) / np.maximum(np.bincount(band, minlength=n_bands), 1)
+    db = 10 * np.log10(mean + 1e-30)
+    return float(np.flatnonzero(db > db.max() - EDGE_BELOW_PEAK_DB).max() + 1) * 100.0
+
+
+def resolve_kind(feats: FeatureConfig, human_waves: list[np.ndarray], sample_rate: int) -> tuple[FeatureConfig, dict]:
+    """The concrete front end for `kind: auto`: linear_bands when the median human training clip reaches
+    `WIDEBAND_EDGE_HZ` (their even spacing resolves the high band where vocoders leave their traces:
+    benchmarks 5e), mel otherwise (on telephone audio two thirds of the linear bands would lie above the
+    band's end, empty, while mel spends its bins below 4 kHz). Any other kind is returned unchanged.
+    Returns the config and what was measured."""
+    if feats.kind != "auto":
+        return feats, {"kind": feats.kind, "chosen_by": "features.kind"}
+    if not human_waves:
+        raise ValueError("features.kind auto: no human training clips to measure the band on")
+    edge = float(np.median([spectral_edge_hz(w, sample_rate) for w in human_waves]))
+    kind = "linear_bands" if edge >= WIDEBAND_EDGE_HZ else "mel"
+    return feats.model_copy(update={"kind": kind}), {
+        "kind": kind, "chosen_by": "features.kind auto", "human_edge_khz": round(edge / 1000, 2),
+        "n_humans": len(human_waves), "wideband_from_khz": WIDEBAND_EDGE_HZ / 1000}
 
 
 def fit_length(x: np.ndarray, n: int) -> np.ndarray:

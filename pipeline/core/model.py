@@ -255,7 +255,8 @@ def load_checkpoint(path: str | Path, audio: AudioConfig | None = None,
 
 
 def new_model(languages: list[str], audio: AudioConfig, feats: FeatureConfig, base_width: int, dropout: float) -> Detector:
-    """A freshly initialised detector for the given configuration."""
-    meta = ModelMeta(languages=tuple(languages), audio=audio.model_dump(), features=feats.model_dump(),
+    """A freshly initialised detector for the given configuration (training resolves `features.kind: auto`
+    from its audio first; here, with no audio, auto means the production mel)."""
+    meta = ModelMeta(languages=tuple(languages), audio=audio.model_dump(), features=feats.without_auto().model_dump(),
                      base_width=base_width, dropout=dropout)
     return Detector(meta)

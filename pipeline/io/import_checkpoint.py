@@ -117,7 +117,8 @@ def import_checkpoint(path: str | Path, params: Params, languages: list[str] | N
         languages = ["en"] if n_lang == 1 else [f"lang{i}" for i in range(n_lang)]
     if len(languages) != n_lang:
         raise CheckpointError(f"{path}: language head has {n_lang} classes but {len(languages)} language names were given")
-    meta = ModelMeta(languages=tuple(languages), audio=params.audio.model_dump(), features=params.features.model_dump(),
+    meta = ModelMeta(languages=tuple(languages), audio=params.audio.model_dump(),
+                     features=params.features.without_auto().model_dump(),
                      base_width=int(conv1.shape[0]), dropout=params.model.dropout, notes={"imported_from": str(path)})
     model = Detector(meta)
     placed, report = map_keys(source, model.state_dict())

@@ -49,7 +49,7 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
                     "lso_folds": f"{lso_result['k']}x{seeds}", "lso_run_id": lso_result["mlflow_run_id"]}
     with tracking.training_run(params, "bootstrap") as active:
         result = bootstrap(corpus, params, out, report, twins)
-        mlflow.set_tag("data_hash", result["data_hash"])
+        mlflow.set_tags({"data_hash": result["data_hash"], "front_end": result["front_end"]["kind"]})
         tracking.log_history(result["history"])
         mlflow.log_metrics({"calibrated_threshold": result["calibration"]["threshold"],
                             "calibration_humans": result["calibration"]["n_humans"]})
@@ -64,7 +64,8 @@ def run(params: Params, corpus: str | Path, out: str | Path | None = None, repor
         version = registry.register(result["checkpoint"], run_id=active.info.run_id, name=params.registry.model_name,
                                     base=True, tags={"eer": f"{overall['eer']:.4f}", "auc": f"{overall['auc']:.4f}",
                                                      "human_fpr": f"{overall['fpr']:.4f}", "source": "bootstrap",
-                                                     "split_by": params.train.split_by} | lso_tags,
+                                                     "split_by": params.train.split_by,
+                                                     "front_end": result["front_end"]["kind"]} | lso_tags,
                                     description=describe(result, corpus, lso_result))
     return result | {"model_version": version, "mlflow_run_id": active.info.run_id, "lso": lso_result}
 
@@ -78,7 +79,8 @@ def describe(result: dict, corpus: str | Path, lso_result: dict | None) -> str:
     if lso_result:
         figures.append(f"leave-sources-out pooled EER {lso_result['summary']['pooled_eer']['mean']:.3f} "
                        f"({lso_result['k']} folds)")
-    how = f"trained by bootstrap on {corpus} ({result['n_train']} clips, {result['n_twins']} of them twins)"
+    how = (f"trained by bootstrap on {corpus} ({result['n_train']} clips, {result['n_twins']} of them twins; "
+           f"front end {result['front_end']['kind']})")
     return describe_base(how, data_hash=result["data_hash"], figures=figures)
 
 

@@ -174,7 +174,7 @@ def leave_sources_out(corpus: str | Path, params: Params, k: int, seeds: int = 1
             labels = np.array([it.clip.label for it in test])
             result = {"seed": s, "fold": f, "held_out": sources, "split_by": split_by, "n_train": len(train_items),
                       "n_twins": sum(1 for it in train_items if it.clip.twin_of), "n_val": len(val_items),
-                      "n_test": len(test), "eer": _eer(scores, labels),
+                      "n_test": len(test), "front_end": model.meta.features["kind"], "eer": _eer(scores, labels),
                       "val_eer": selected_val_eer(history, p.train.select),
                       "epochs": len(history), "threshold": cal["threshold"], "calibration": cal,
                       "train_s": round(time.time() - t0, 1), "history": history}

@@ -32,7 +32,7 @@ from pipeline.config import Params, batch_workers, params_hash
 from pipeline.core.augment import apply_wave, augment_spec, augment_wave, draw_wave_params
 from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data_hash, is_placeholder_speaker, load_clips,
                                 read_corpus, source_groups, split_groups)
-from pipeline.core.features import FrontEnd, crop_at, draw_start
+from pipeline.core.features import FrontEnd, crop_at, draw_start, resolve_kind
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
 from pipeline.core.scoring import pick_device, score_model, scoring_settings
@@ -248,6 +248,17 @@ class EarlyStopping:
         return self.stale >= self.patience
 
 
+def choose_front_end(params: Params, train: list[LoadedClip], log_choice: bool = True) -> tuple[Params, dict]:
+    """Params with `features.kind: auto` made concrete from the human training clips (resolve_kind), and
+    what was measured; other kinds come back unchanged."""
+    humans = [it.wave for it in train if it.clip.label == 0 and not it.clip.twin_of]
+    feats, choice = resolve_kind(params.features, humans, params.audio.sample_rate)
+    if log_choice and "human_edge_khz" in choice:
+        log.info("front end: %s (features.kind auto: the median human training clip ends at %.1f kHz; "
+                 "linear_bands from %.0f kHz)", choice["kind"], choice["human_edge_khz"], choice["wideband_from_khz"])
+    return params.model_copy(update={"features": feats}), choice
+
+
 def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) -> tuple[Detector | None, list[dict]]:
     """Train from scratch; return the best-on-validation-EER model (train.select best), the last epoch's
     (select last) or the mean of the weights over the schedule's tail (select swa, WeightAverage), and the
@@ -258,6 +269,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     all, and gets the model back; the other ranks get (None, [])."""
     cfg = params.train
     rank, world = init_from_env()
+    params, _ = choose_front_end(params, train, log_choice=rank == 0)
     torch.manual_seed(cfg.seed)
     device = local_device(pick_device(cfg.device))
     if device.type == "cpu":
@@ -408,7 +420,8 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     n_twins = sum(1 for it in train if it.clip.twin_of)
     log.info("training on %d clips (%d of them vocoded twins), validating on %d (split by %s)", len(train), n_twins,
              len(val), split_by)
-    model, history = train_model(train, val, params)
+    trained_with, front_end = choose_front_end(params, train, log_choice=not init_from_env()[0])
+    model, history = train_model(train, val, trained_with)
     if model is None:   # a rank other than 0 under torchrun: rank 0 calibrates, saves and reports
         return {}
     scores = validation_scores(model, val, params, "cpu")
@@ -418,11 +431,11 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     dhash = data_hash([it.clip for it in loaded])
     save_checkpoint(model, out, threshold=calibration["threshold"], threshold_scoring=scoring_settings(params), data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
-                           "twins": n_twins, "split_by": split_by, "calibration": calibration,
+                           "twins": n_twins, "split_by": split_by, "calibration": calibration, "front_end": front_end,
                            "val_sources": sorted({it.clip.source for it in val})})
     result = {
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
-        "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": split_by,
+        "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": split_by, "front_end": front_end,
         "val_sources": sorted({it.clip.source for it in val}),
         "skipped": sorted(str(c.path) for c in train_clips + val_clips if c.path not in {it.clip.path for it in loaded}),
         "languages": list(model.meta.languages), "history": history, "calibration": calibration, "validation": metrics,
