@@ -7,8 +7,8 @@ import torch
 import torchaudio
 
 from pipeline.config import AudioConfig, FeatureConfig, load_params
-from pipeline.core.features import (WIDEBAND_EDGE_HZ, FrontEnd, fit_length, random_crop, resolve_kind, spectral_edge_hz, stream_windows,
-                                    window_starts, windows)
+from pipeline.core.features import (WIDEBAND_EDGE_HZ, FrontEnd, fit_length, random_crop, resolve_kind, spectral_edge_hz,
+                                    stream_windows, window_starts, windows)
 
 
 @pytest.fixture(scope="module")
