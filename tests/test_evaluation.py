@@ -11,6 +11,7 @@ import soundfile as sf
 
 from pipeline.apps.cli import main as aivoice
 from pipeline.core.data import Clip, CorpusError, read_corpus, source_groups
+from pipeline.core.model import load_checkpoint
 from pipeline.io import registry, tracking
 from pipeline.training.audit import audit_corpus
 from pipeline.training.lso import leave_sources_out, matched_pair_sources, source_folds, summarise_seed
@@ -53,7 +54,8 @@ def test_matched_pair_eer_uses_only_sources_holding_both_labels():
 def test_evaluate_trains_a_model_per_fold_and_tracks_them(small_corpus, tiny_params, tmp_path, monkeypatch, mlflow_store):
     monkeypatch.chdir(tmp_path)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(json.dumps(tiny_params.model_dump(mode="json", by_alias=True)))
+    auto = tiny_params.model_copy(update={"features": tiny_params.features.model_copy(update={"kind": "auto"})})
+    params_file.write_text(json.dumps(auto.model_dump(mode="json", by_alias=True)))
     # when: the recipe is evaluated with 2 folds of whole sources
     code = aivoice(["--params", str(params_file), "evaluate", "--leave-sources-out", "2", "--corpus", str(small_corpus.root)])
     assert code == 0, "evaluate exits 0"
@@ -73,6 +75,10 @@ def test_evaluate_trains_a_model_per_fold_and_tracks_them(small_corpus, tiny_par
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2, "a parent run and one child run per fold"
     assert "lso_pooled_eer" in parents[0].data.metrics, "the parent logs the summary"
+    # and: each fold model's front end, chosen from its own training audio (features.kind auto), is recorded
+    kinds = {(r["seed"], r["fold"]): r["front_end"] for r in report["fold_runs"]}
+    assert set(kinds.values()) <= {"mel", "linear_bands"}, kinds
+    assert sorted(r.data.tags["front_end"] for r in children) == sorted(kinds.values()), "each child run is tagged"
 
 
 @pytest.mark.integration
@@ -93,13 +99,18 @@ def test_training_seeds_run_apart_share_the_folds_of_fold_seed(small_corpus, tin
 def test_bootstrap_with_lso_tags_the_version(small_corpus, tiny_params, tmp_path, monkeypatch, mlflow_store):
     monkeypatch.chdir(tmp_path)
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(json.dumps(tiny_params.model_dump(mode="json", by_alias=True)))
+    auto = tiny_params.model_copy(update={"features": tiny_params.features.model_copy(update={"kind": "auto"})})
+    params_file.write_text(json.dumps(auto.model_dump(mode="json", by_alias=True)))
     code = aivoice(["--params", str(params_file), "bootstrap", "--corpus", str(small_corpus.root), "--out",
                     str(tmp_path / "base.pt"), "--lso", "2"])
     assert code == 0
     version = registry.list_versions(tiny_params.registry.model_name)[0]
     tags = tracking.configure().get_model_version(tiny_params.registry.model_name, str(version["version"])).tags
     assert {"lso_pooled_eer", "lso_matched_pair_eer", "lso_folds", "lso_run_id"} <= set(tags), tags
+    assert tags["front_end"] == load_checkpoint(tmp_path / "base.pt").meta.feature_config().kind, \
+        "the version is tagged with the front end its checkpoint scores with"
+    chosen = json.loads((tmp_path / tiny_params.train.report).read_text())["front_end"]
+    assert chosen["chosen_by"] == "features.kind auto" and chosen["kind"] == tags["front_end"], chosen
     line = registry.model_version(version["version"], tiny_params.registry.model_name).description
     assert line.startswith("Base model trained by bootstrap on") and "EER" in line and "leave-sources-out" in line \
         and "\n" not in line, f"the bootstrap version reads as one line: {line!r}"

@@ -32,7 +32,8 @@ def run(params: Params, corpus: str | Path, k: int, seeds: int = 1, twins: str |
         def child(result: dict) -> None:
             with mlflow.start_run(run_name=f"seed {result['seed']} fold {result['fold']}", nested=True,
                                   experiment_id=parent.info.experiment_id):
-                mlflow.set_tags({"held_out_sources": ", ".join(result["held_out"])[:5000], "stage": "lso-fold"})
+                mlflow.set_tags({"held_out_sources": ", ".join(result["held_out"])[:5000], "stage": "lso-fold",
+                                 "front_end": result["front_end"]})
                 mlflow.log_metrics({m: float(result[m]) for m in ("eer", "val_eer", "threshold", "n_train", "n_twins",
                                                                    "n_val", "n_test", "epochs", "train_s")
                                     if result[m] == result[m]})
