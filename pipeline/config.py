@@ -213,6 +213,10 @@ class TrainConfig(Section):
     swa_start: float = Field(0.5, gt=0, lt=1, description="select swa: the share of the schedule after which the "
                              "weights are averaged, every step")
     mixture_fraction: float = Field(0.15, ge=0, lt=1, description="share of synthesized two-talker mixtures")
+    ai_loss: Literal["ce", "ocsoftmax"] = Field(
+        "ce", description="the ai head's loss: ce (cross-entropy on the linear ai head, production's) or ocsoftmax "
+        "(one-class softmax on the embedding, Zhang et al. 2021: humans near one learned direction, AI kept away "
+        "from it; the model then scores by that direction, saved as its cosine head)")
     augment: AugmentConfig = AugmentConfig(
         noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,
         pitch_shift_prob=0.3, spec_augment_prob=0.5)

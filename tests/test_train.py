@@ -83,3 +83,19 @@ def test_select_swa_averages_the_tail_of_the_full_schedule(small_corpus, tiny_pa
     assert history[-1]["swa_steps"] == 6 and history[-1]["swa_val_eer"] == 0.05
     assert not torch.equal(swa_w["trunk.conv1.weight"], last_w["trunk.conv1.weight"]), "the mean, not the last step"
     assert report["validation"]["overall"]["eer"] is not None
+
+
+def test_bootstrap_with_the_one_class_loss_scores_by_its_direction(small_corpus, tiny_params, tmp_path):
+    # given: train.ai_loss ocsoftmax
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"ai_loss": "ocsoftmax"})})
+    report = bootstrap(small_corpus.root, params, tmp_path / "oc.pt", tmp_path / "oc.json", twins=tmp_path / "none")
+    # then: the checkpoint is a one-class model (a cosine head with the learnt direction, the linear ai head
+    # switched off), calibrated and reported like any other, and its validation scores are the direction's
+    model = load_checkpoint(tmp_path / "oc.pt", params.audio)
+    assert model.meta.cosine_head == {"kind": "ocsoftmax", "generators": [], "n_prototypes": 0}
+    assert report["ai_loss"] == "ocsoftmax" and model.meta.notes["ai_loss"] == "ocsoftmax"
+    assert torch.count_nonzero(model.heads["ai"].weight) == 0
+    assert torch.linalg.norm(model.cosine.human).item() == pytest.approx(1.0, abs=1e-5)
+    scores = [r["ai_score"] for r in report["val_scores"]]
+    assert all(0.0 < s < 1.0 for s in scores) and len(set(scores)) > 1, "unsaturated, distinct scores"
+    assert 0.0 < model.meta.threshold < 1.0 and report["calibration"]["threshold"] == model.meta.threshold

@@ -254,9 +254,11 @@ def load_checkpoint(path: str | Path, audio: AudioConfig | None = None,
     return model.eval()
 
 
-def new_model(languages: list[str], audio: AudioConfig, feats: FeatureConfig, base_width: int, dropout: float) -> Detector:
+def new_model(languages: list[str], audio: AudioConfig, feats: FeatureConfig, base_width: int, dropout: float,
+              cosine_head: dict | None = None) -> Detector:
     """A freshly initialised detector for the given configuration (training resolves `features.kind: auto`
-    from its audio first; here, with no audio, auto means the production mel)."""
+    from its audio first; here, with no audio, auto means the production mel); `cosine_head` for a model
+    trained with the one-class loss (pipeline.training.one_class)."""
     meta = ModelMeta(languages=tuple(languages), audio=audio.model_dump(), features=feats.without_auto().model_dump(),
-                     base_width=base_width, dropout=dropout)
+                     base_width=base_width, dropout=dropout, cosine_head=cosine_head or {})
     return Detector(meta)

@@ -59,13 +59,13 @@ from pipeline.core.scoring import Scorer, pick_device, score_model, score_stream
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.forked import fork_map, forked_workers
+from pipeline.training.one_class import oc_loss
 
 log = logging.getLogger(__name__)
 
 RECIPES = ("prototype", "ocsoftmax", "head", "last_block", "input_layers")
 TRAINED = {"prototype": "cosine head (prototypes)", "ocsoftmax": "cosine head (one-class softmax)", "head": "ai head",
            "last_block": "ai head + its own layer4", "input_layers": "stem + layer1"}
-OC_MARGINS, OC_ALPHA = (0.9, 0.2), 20.0   # human cosine above 0.9, AI below 0.2 (Zhang et al. 2021)
 
 
 @dataclass
@@ -443,9 +443,7 @@ def _oc_direction(e: torch.Tensor, labels: np.ndarray, seed: int, steps: int = 3
     opt = torch.optim.Adam([w], lr=0.01)
     weight = torch.where(y, 0.5 / y.sum(), 0.5 / (~y).sum())
     for _ in range(steps):
-        cos = e @ F.normalize(w, dim=0)
-        margin = torch.where(y, OC_MARGINS[0] - cos, cos - OC_MARGINS[1])
-        loss = (F.softplus(OC_ALPHA * margin) * weight).sum()
+        loss = oc_loss(e @ F.normalize(w, dim=0), y, weight)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -41,6 +41,7 @@ from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.distributed import broadcast_flag, init_from_env, local_device
 from pipeline.training.evaluate import evaluate
+from pipeline.training.one_class import TrainingNet, one_class_meta
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,9 @@ def shard_stream(sampler: BalancedSampler, params: Params, languages: list[str],
     return iter(loader)
 
 
-def multitask_loss(out: dict[str, torch.Tensor], ai, lang, spk) -> torch.Tensor:
-    loss = F.cross_entropy(out["ai"], ai) + 0.5 * F.cross_entropy(out["speakers"], spk)
+def multitask_loss(net: TrainingNet, out: dict[str, torch.Tensor], emb: torch.Tensor, ai, lang, spk) -> torch.Tensor:
+    """The ai head's loss (train.ai_loss) + half the speakers' and the language's cross-entropy."""
+    loss = net.ai_loss(out, emb, ai) + 0.5 * F.cross_entropy(out["speakers"], spk)
     if (lang >= 0).any():
         loss = loss + 0.5 * F.cross_entropy(out["language"], lang, ignore_index=-100)
     return loss
@@ -275,18 +277,21 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     languages = sorted({it.clip.language for it in train} - {"unknown"}) or ["unknown"]
-    model = new_model(languages, params.audio, params.features, params.model.base_width, params.model.dropout).to(device)
+    one_class = cfg.ai_loss == "ocsoftmax"
+    model = new_model(languages, params.audio, params.features, params.model.base_width, params.model.dropout,
+                      cosine_head=one_class_meta() if one_class else None)
+    net = TrainingNet(model, one_class).to(device)
     if rank:
         torch.manual_seed(cfg.seed + 1000 * rank)   # dropout masks of its own (the weights are rank 0's)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
         params = params.model_copy(update={"train": cfg.model_copy(update={"batch_size": cfg.gpu_batch_size})})
-    step_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile and device.type == "cuda":
         step_model = torch.compile(step_model)
     front_end = FrontEnd(params.audio, params.features).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
     sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
     val_labels = [it.clip.label for it in val]
@@ -310,20 +315,21 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             waves, ai, lang, spk = (t.to(device) for t in batch)
             feats = training_features(front_end, waves, rngs, params)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = multitask_loss(step_model(feats), ai, lang, spk)
+                loss = multitask_loss(net, *step_model(feats), ai, lang, spk)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if cfg.select == "swa" and rank == 0 and step >= average_from:
                 if average is None:
-                    average = WeightAverage(model)
+                    average = WeightAverage(net)
                 else:
-                    average.add(model)
+                    average.add(net)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         stop, train_s = False, time.monotonic() - epoch_started
         if rank == 0:
+            net.sync()
             eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_eer": eer,
                             "wall_s": round(time.monotonic() - started, 1), "train_s": round(train_s, 2),
@@ -348,7 +354,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         total = cfg.epochs * cfg.steps_per_epoch   # batch-norm statistics on fresh training batches
         shards = (make_shard(sampler, params, languages, total + i) for i in range(SWA_BN_BATCHES))
         batches = [training_features(front_end, waves.to(device), rngs, params) for waves, *_, rngs in shards]
-        average.into(model, batches)
+        average.into(net, batches)
+        net.sync()
         eer, _ = compute_eer(validation_scores(model, val, params, str(device)), val_labels)
         history[-1] |= {"swa_val_eer": eer, "swa_steps": average.count}
         log.info("weights averaged over the last %d steps: validation EER %.4f", average.count, eer)
@@ -432,11 +439,11 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     save_checkpoint(model, out, threshold=calibration["threshold"], threshold_scoring=scoring_settings(params), data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
                            "twins": n_twins, "split_by": split_by, "calibration": calibration, "front_end": front_end,
-                           "val_sources": sorted({it.clip.source for it in val})})
+                           "ai_loss": params.train.ai_loss, "val_sources": sorted({it.clip.source for it in val})})
     result = {
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
         "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": split_by, "front_end": front_end,
-        "val_sources": sorted({it.clip.source for it in val}),
+        "ai_loss": params.train.ai_loss, "val_sources": sorted({it.clip.source for it in val}),
         "skipped": sorted(str(c.path) for c in train_clips + val_clips if c.path not in {it.clip.path for it in loaded}),
         "languages": list(model.meta.languages), "history": history, "calibration": calibration, "validation": metrics,
         "val_scores": [{"path": str(it.clip.path), "label": it.clip.label_name, "generator": it.clip.generator,
