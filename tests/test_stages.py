@@ -1,5 +1,6 @@
 """Retraining stages on real audio: ingest, augment, finetune, validate gates."""
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,16 +11,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import GatesConfig
 from pipeline.core.data import Clip, CorpusError, read_corpus
 from pipeline.core.metrics import rate
-from pipeline.core.model import load_checkpoint, new_model, save_checkpoint
+from pipeline.core.model import Detector, load_checkpoint, new_model, save_checkpoint
 from pipeline.core.scoring import scoring_settings
 from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
 from pipeline.training.finetune import Adapter, finetune, loss_weights, speaker_parts, teacher_outputs
+from pipeline.training.one_class import one_class_meta
 from pipeline.training.report import describe_candidate
 from pipeline.training.validate import INSUFFICIENT, frozen_parts_unchanged, head_accuracy, judge
 
@@ -287,6 +290,23 @@ def test_prototype_recipe_adds_a_cosine_head_and_changes_nothing_else(project, s
     again = load_checkpoint(path)
     with torch.no_grad():
         assert torch.allclose(again(x)["ai"], candidate(x)["ai"]), "the cosine head survives a checkpoint round trip"
+
+
+def test_prototype_recipe_on_a_one_class_base_keeps_its_learnt_direction(project, small_corpus, tiny_params):
+    # given: a base trained with the one-class loss (train.ai_loss ocsoftmax): its ai score is the cosine to
+    # a learnt human direction, its linear ai head switched off
+    params = _with_recipe(tiny_params, "prototype")
+    plain = _store_with_new_samples(small_corpus, params)
+    base = Detector(dataclasses.replace(plain.meta, cosine_head=one_class_meta()))
+    direction = F.normalize(torch.randn(base.trunk.out_dim), dim=0)
+    base.load_state_dict(plain.state_dict() | {"cosine.human": direction, "cosine.scale": torch.tensor(5.0),
+                                               "cosine.bias": torch.tensor(2.75), "cosine.prototypes": torch.zeros(0, base.trunk.out_dim)})
+    base.eval()
+    # when: the new generator becomes a prototype
+    candidate, _ = finetune(base, params)
+    # then: the candidate scores against the base's learnt direction, not a centroid of the replay humans
+    assert candidate.meta.cosine_head["generators"] == ["piper-joe"]
+    assert torch.allclose(candidate.cosine.human, direction, atol=1e-6)
 
 
 def test_loss_weights_balance_classes_and_give_the_new_samples_their_share():

@@ -413,7 +413,9 @@ def cosine_candidate(model: Detector, emb: torch.Tensor, data: Data, train_mask:
     if recipe == "prototype":
         protos = [p for _, p in keep] + [F.normalize(e[torch.from_numpy(new & np.isin(seg.files, [f for f, g in
                   data.generators.items() if g == gen]))].mean(0), dim=0) for gen in gens]
-        centre = F.normalize(e[torch.from_numpy(human)].mean(0), dim=0)
+        learnt = old is not None and model.meta.cosine_head.get("kind") == "ocsoftmax"
+        # a one-class model's learnt human direction is its ai score: keep it as the human reference
+        centre = F.normalize(old.human, dim=0) if learnt else F.normalize(e[torch.from_numpy(human)].mean(0), dim=0)
         names = [g for g, _ in keep] + gens
     else:
         protos, names = [], []
