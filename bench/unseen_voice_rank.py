@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (VALUE as YAML)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable on shared cores)")
+    ap.add_argument("--keep", type=Path, help="save each seed's base here (base_seed<N>.pt), e.g. to retrain it "
+                    "with bench/retrain_variant.py")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import torch
@@ -40,6 +43,7 @@ def main() -> None:
     from pipeline.config import load_params
     from pipeline.core.audio import load_audio
     from pipeline.core.metrics import roc_auc
+    from pipeline.core.model import load_checkpoint
     from pipeline.core.scoring import score_model
     from pipeline.training.train import bootstrap
 
@@ -65,8 +69,10 @@ def main() -> None:
             started = time.monotonic()
             bootstrap(view, params, Path(tmp) / "base.pt", Path(tmp) / "base.json", twins=project / "data" / "twins")
             wall = time.monotonic() - started
-            from pipeline.core.model import load_checkpoint
             model = load_checkpoint(Path(tmp) / "base.pt", params.audio)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(tmp) / "base.pt", args.keep / f"base_seed{seed}.pt")
 
         def scores(paths):
             return np.array([s.ai_score for s in score_model(model, [load_audio(p, params.audio) for p in paths],
