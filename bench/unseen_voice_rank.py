@@ -47,6 +47,8 @@ def main() -> None:
     from pipeline.core.scoring import score_model
     from pipeline.training.train import bootstrap
 
+    if args.keep and any((args.keep / f"base_seed{seed}.pt").exists() for seed in args.seeds):
+        raise SystemExit(f"{args.keep}: already holds a base of one of these seeds; choose another --keep")
     project = args.project.resolve()
     store = project / "data" / "store"
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
