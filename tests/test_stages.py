@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import GatesConfig
 from pipeline.core.data import Clip, CorpusError, read_corpus
@@ -22,7 +21,7 @@ from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
 from pipeline.training.finetune import Adapter, finetune, loss_weights, speaker_parts, teacher_outputs
-from pipeline.training.one_class import one_class_meta
+from pipeline.training.one_class import TrainingNet, one_class_meta
 from pipeline.training.report import describe_candidate
 from pipeline.training.validate import INSUFFICIENT, frozen_parts_unchanged, head_accuracy, judge
 
@@ -298,9 +297,10 @@ def test_prototype_recipe_on_a_one_class_base_keeps_its_learnt_direction(project
     params = _with_recipe(tiny_params, "prototype")
     plain = _store_with_new_samples(small_corpus, params)
     base = Detector(dataclasses.replace(plain.meta, cosine_head=one_class_meta()))
-    direction = F.normalize(torch.randn(base.trunk.out_dim), dim=0)
-    base.load_state_dict(plain.state_dict() | {"cosine.human": direction, "cosine.scale": torch.tensor(5.0),
-                                               "cosine.bias": torch.tensor(2.75), "cosine.prototypes": torch.zeros(0, base.trunk.out_dim)})
+    base.load_state_dict(plain.state_dict(), strict=False)   # the cosine head's buffers: set by TrainingNet
+    net = TrainingNet(base, one_class=True)   # what bootstrap trains: the linear ai head off, the cosine head's scale
+    net.sync()
+    direction = base.cosine.human.clone()
     base.eval()
     # when: the new generator becomes a prototype
     candidate, _ = finetune(base, params)
