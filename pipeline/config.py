@@ -217,6 +217,10 @@ class TrainConfig(Section):
         "ce", description="the ai head's loss: ce (cross-entropy on the linear ai head, production's) or ocsoftmax "
         "(one-class softmax on the embedding, Zhang et al. 2021: humans near one learned direction, AI kept away "
         "from it; the model then scores by that direction, saved as its cosine head)")
+    chain_adversary: float = Field(
+        0.0, ge=0, description="strength of the recording-chain adversary's reversed gradient into the trunk "
+        "(pipeline/training/chain_adversary.py; 0 = off): a classifier of the training sources of the human clips "
+        "and their twins, which the trunk learns to defeat")
     augment: AugmentConfig = AugmentConfig(
         noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,
         pitch_shift_prob=0.3, spec_augment_prob=0.5)

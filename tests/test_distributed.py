@@ -64,23 +64,25 @@ RANKS_AGREE = """
 import torch, torch.distributed as dist
 from pipeline.config import AudioConfig, FeatureConfig
 from pipeline.core.model import new_model
-from pipeline.training.one_class import TrainingNet, one_class_meta
+from pipeline.training.net import TrainingNet
+from pipeline.training.one_class import one_class_meta
 from pipeline.training.train import multitask_loss
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 net = TrainingNet(new_model(["en", "fr"], AudioConfig(), FeatureConfig(n_mels=16), 4, 0.0,
-                            cosine_head=one_class_meta()), one_class=True)
+                            cosine_head=one_class_meta()), one_class=True, chain_sources=3)
 torch.manual_seed(100 + rank)   # each rank its own batches, as in training
 ddp = torch.nn.parallel.DistributedDataParallel(net)
 opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
 for _ in range(3):
     loss = multitask_loss(net, *ddp(torch.randn(4, 1, 16, 40)), torch.tensor([0, 1, 0, 1]),
-                          torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]))
+                          torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1]), torch.tensor([rank, 2, -100, 1]), 0.5)
     opt.zero_grad()
     loss.backward()
     opt.step()
-for name, t in (("direction", net.direction), ("conv1", net.model.trunk.conv1.weight)):
+for name, t in (("direction", net.direction), ("conv1", net.model.trunk.conv1.weight),
+                ("adversary", net.adversary.net[0].weight)):
     got = [torch.zeros_like(t) for _ in range(2)]
     dist.all_gather(got, t.detach().contiguous())
     assert torch.equal(got[0], got[1]), f"{name} differs between the ranks"
@@ -90,13 +92,14 @@ dist.destroy_process_group()
 """
 
 
-def test_the_one_class_direction_is_trained_as_one_across_ranks(tmp_path):
-    # the learnt human direction lives beside the detector (TrainingNet): DDP must average its gradient too,
-    # or each rank would learn its own from half the batches
+def test_the_training_only_parts_are_trained_as_one_across_ranks(tmp_path):
+    # the learnt human direction and the chain adversary live beside the detector (TrainingNet): DDP must
+    # average their gradients too, or each rank would learn its own from half the batches (here the ranks
+    # also see different chain labels)
     script = tmp_path / "ranks_agree.py"
     script.write_text(RANKS_AGREE)
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "direction agrees" in proc.stdout and "conv1 agrees" in proc.stdout
+    assert "direction agrees" in proc.stdout and "conv1 agrees" in proc.stdout and "adversary agrees" in proc.stdout

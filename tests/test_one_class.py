@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from pipeline.config import AudioConfig, FeatureConfig
 from pipeline.core.model import AI_LABEL, load_checkpoint, new_model, save_checkpoint
-from pipeline.training.one_class import OC_MARGINS, TrainingNet, one_class_meta, oc_loss
+from pipeline.training.net import TrainingNet
+from pipeline.training.one_class import OC_MARGINS, one_class_meta, oc_loss
 
 
 def _model(one_class: bool = True):

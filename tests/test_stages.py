@@ -21,7 +21,8 @@ from pipeline.io.store import ClipInfo, from_corpus, ingest, read_manifest
 from pipeline.stages import augment as augment_stage
 from pipeline.training import finetune as finetune_module
 from pipeline.training.finetune import Adapter, finetune, loss_weights, speaker_parts, teacher_outputs
-from pipeline.training.one_class import TrainingNet, one_class_meta
+from pipeline.training.net import TrainingNet
+from pipeline.training.one_class import one_class_meta
 from pipeline.training.report import describe_candidate
 from pipeline.training.validate import INSUFFICIENT, frozen_parts_unchanged, head_accuracy, judge
 

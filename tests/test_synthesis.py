@@ -117,7 +117,7 @@ def test_a_pair_is_one_crop_of_a_clip_and_its_twin_under_one_channel():
     twin = LoadedClip(Clip(Path("t.flac"), 1, "twin-x", "s", "en", "src", sha256="t", twin_of="h"), wave.copy(), (0, len(wave)))
     other = LoadedClip(Clip(Path("a.wav"), 1, "tts", "s2", "en", "tts"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
     sampler = BalancedSampler([human, twin, other], rng)
-    waves, ai, _, _ = make_batch(sampler, params, ["en"], rng)
+    waves, ai, _, _, _ = make_batch(sampler, params, ["en"], rng)
     assert ai.tolist() == [0, 1] * 4, "each pair is a human clip then its twin"
     for i in range(0, 8, 2):
         assert torch.equal(waves[i], waves[i + 1]), "same crop, same channel augmentation for both halves of a pair"
@@ -140,14 +140,14 @@ def test_ranks_draw_disjoint_shares_of_the_one_process_batch():
     from pipeline.training.train import make_shard
 
     params, sampler = _twin_sampler()
-    whole, ai, _, _, _ = make_shard(sampler, params, ["en"], step=3)
-    first, ai0, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=0, world=2)
-    second, ai1, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=1, world=2)
+    whole, ai, _, _, _, _ = make_shard(sampler, params, ["en"], step=3)
+    first, ai0, _, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=0, world=2)
+    second, ai1, _, _, _, _ = make_shard(sampler, params, ["en"], step=3, rank=1, world=2)
     assert len(first) == len(second) == 4, "each of two ranks gets half of the global batch"
     # pairs 0, 2 on rank 0 and 1, 3 on rank 1: interleaved by pair they are the one-process batch
     merged = torch.cat([first[0:2], second[0:2], first[2:4], second[2:4]])
     assert torch.equal(merged, whole), "the ranks' shares are exactly the one-process batch"
-    other_step, _, _, _, _ = make_shard(sampler, params, ["en"], step=4)
+    other_step, _, _, _, _, _ = make_shard(sampler, params, ["en"], step=4)
     assert not torch.equal(other_step, whole), "each step draws anew"
 
 
@@ -163,6 +163,6 @@ def test_batch_workers_make_the_same_batches_in_the_same_order():
     # then: step for step the same waves, labels, and per-row generators in the same state (SpecAugment draws next)
     assert len(here) == len(ahead) == 5
     for a, b in zip(here, ahead):
-        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4]))
-        assert [r.bit_generator.state for r in a[4]] == [r.bit_generator.state for r in b[4]]
+        assert all(torch.equal(x, y) for x, y in zip(a[:5], b[:5]))
+        assert [r.bit_generator.state for r in a[5]] == [r.bit_generator.state for r in b[5]]
     assert not torch.equal(here[0][0], here[1][0]), "each step draws anew"

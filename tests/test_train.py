@@ -99,3 +99,21 @@ def test_bootstrap_with_the_one_class_loss_scores_by_its_direction(small_corpus,
     scores = [r["ai_score"] for r in report["val_scores"]]
     assert all(0.0 < s < 1.0 for s in scores) and len(set(scores)) > 1, "unsaturated, distinct scores"
     assert 0.0 < model.meta.threshold < 1.0 and report["calibration"]["threshold"] == model.meta.threshold
+
+
+def test_bootstrap_with_the_chain_adversary_keeps_it_out_of_the_checkpoint(small_corpus, tiny_params, tmp_path):
+    # given: train.chain_adversary on
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"chain_adversary": 0.5})})
+    report = bootstrap(small_corpus.root, params, tmp_path / "adv.pt", tmp_path / "adv.json", twins=tmp_path / "none")
+    plain = bootstrap(small_corpus.root, tiny_params, tmp_path / "plain.pt", tmp_path / "plain.json",
+                      twins=tmp_path / "none")
+    # then: the model is a detector like any other (no adversary weights saved), its training was changed by the
+    # adversary, and the report and checkpoint notes record the strength
+    model = load_checkpoint(tmp_path / "adv.pt", params.audio)
+    assert not any("adversary" in k for k in model.state_dict())
+    assert set(model.state_dict()) == set(load_checkpoint(tmp_path / "plain.pt", params.audio).state_dict())
+    assert report["chain_adversary"] == 0.5 and model.meta.notes["chain_adversary"] == 0.5
+    assert plain["chain_adversary"] == 0.0
+    scores = [r["ai_score"] for r in report["val_scores"]]
+    assert scores != [r["ai_score"] for r in plain["val_scores"]], "the reversed gradient reached the trunk"
+    assert report["validation"]["overall"]["eer"] is not None

@@ -12,7 +12,9 @@ What keeps the model off the recording chain (docs/architecture.md, "Decisions")
 - crops stay inside each clip's voiced region (`train.trim_silence_db`), so leading and trailing
   silence cannot be a cue; the augmentation (codecs, band limits, low-pass, RawBoost, gain, noise)
   is drawn from one distribution for both labels;
-- a share of two-talker mixtures (human/AI pairs only) teaches the `speakers` head.
+- a share of two-talker mixtures (human/AI pairs only) teaches the `speakers` head;
+- optionally (`train.chain_adversary`), a classifier of the training sources behind a gradient reversal
+  pushes the trunk to drop what tells one recording chain from another (pipeline.training.chain_adversary).
 """
 from __future__ import annotations
 
@@ -41,18 +43,22 @@ from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
 from pipeline.training.distributed import broadcast_flag, init_from_env, local_device
 from pipeline.training.evaluate import evaluate
-from pipeline.training.one_class import TrainingNet, one_class_meta
+from pipeline.training.chain_adversary import NOT_A_CHAIN, ramp
+from pipeline.training.net import TrainingNet
+from pipeline.training.one_class import one_class_meta
 
 log = logging.getLogger(__name__)
 
 
 class BalancedSampler:
     """Draws clips with equal weight per class, then per source within the class; and (human, twin)
-    pairs, equal weight per source among the humans that have twins."""
+    pairs, equal weight per source among the humans that have twins. `chains` lists the sources of its
+    human clips: the classes of the recording-chain adversary."""
 
     def __init__(self, items: list[LoadedClip], rng: np.random.Generator) -> None:
         self.rng = rng
         real = [it for it in items if not it.clip.twin_of]
+        self.chains = sorted({it.clip.source for it in real if it.clip.label == 0})
         check_two_classes([it.clip for it in items], "the training split")
         self.by_label: dict[int, dict[str, list[LoadedClip]]] = defaultdict(lambda: defaultdict(list))
         for it in real:
@@ -127,19 +133,27 @@ def _pair_rows(sampler: BalancedSampler, params: Params, rng: np.random.Generato
     return rows
 
 
-def _tensors(rows: list[tuple[np.ndarray, LoadedClip, bool]], languages: list[str]):
+def _chain(item: LoadedClip, several: bool, chains: list[str]) -> int:
+    """The row's recording chain for the adversary: a human clip's or its twin's source, else NOT_A_CHAIN."""
+    human_chain = item.clip.label == 0 or item.clip.twin_of
+    return chains.index(item.clip.source) if human_chain and not several and item.clip.source in chains else NOT_A_CHAIN
+
+
+def _tensors(rows: list[tuple[np.ndarray, LoadedClip, bool]], languages: list[str], chains: list[str]):
     waves = np.stack([w.astype(np.float32) for w, _, _ in rows])
     ai = [it.clip.label for _, it, _ in rows]
     lang = [languages.index(it.clip.language) if it.clip.language in languages else -100 for _, it, _ in rows]
     spk = [int(several or it.clip.n_speakers > 1) for _, it, several in rows]
+    chain = [_chain(it, several, chains) for _, it, several in rows]
     t = torch.tensor
-    return torch.from_numpy(waves), t(ai), t(lang), t(spk)
+    return torch.from_numpy(waves), t(ai), t(lang), t(spk), t(chain)
 
 
 def make_batch(sampler: BalancedSampler, params: Params, languages: list[str], rng: np.random.Generator):
-    """(waves (B, seg), ai labels, language labels (-100 = unknown), speakers labels), all pairs from one rng."""
+    """(waves (B, seg), ai labels, language labels (-100 = unknown), speakers labels, chain labels
+    (NOT_A_CHAIN = none)), all pairs from one rng."""
     rows = [row for _ in range(max(params.train.batch_size // 2, 1)) for row in _pair_rows(sampler, params, rng)]
-    return _tensors(rows, languages)
+    return _tensors(rows, languages, sampler.chains)
 
 
 def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], step: int, rank: int = 0,
@@ -155,7 +169,7 @@ def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], s
         got = _pair_rows(sampler, params, rng)
         rows += got
         rngs += [rng] * len(got)
-    return (*_tensors(rows, languages), rngs)
+    return (*_tensors(rows, languages, sampler.chains), rngs)
 
 
 class _Shards(torch.utils.data.Dataset):
@@ -191,9 +205,13 @@ def shard_stream(sampler: BalancedSampler, params: Params, languages: list[str],
     return iter(loader)
 
 
-def multitask_loss(net: TrainingNet, out: dict[str, torch.Tensor], emb: torch.Tensor, ai, lang, spk) -> torch.Tensor:
-    """The ai head's loss (train.ai_loss) + half the speakers' and the language's cross-entropy."""
+def multitask_loss(net: TrainingNet, out: dict[str, torch.Tensor], emb: torch.Tensor, ai, lang, spk, chain=None,
+                   reversal: float = 0.0) -> torch.Tensor:
+    """The ai head's loss (train.ai_loss) + half the speakers' and the language's cross-entropy + the chain
+    adversary's cross-entropy (its gradient into the trunk reversed, times `reversal`), when there is one."""
     loss = net.ai_loss(out, emb, ai) + 0.5 * F.cross_entropy(out["speakers"], spk)
+    if chain is not None and net.adversary is not None:
+        loss = loss + net.chain_loss(emb, chain, reversal)
     if (lang >= 0).any():
         loss = loss + 0.5 * F.cross_entropy(out["language"], lang, ignore_index=-100)
     return loss
@@ -280,7 +298,9 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     one_class = cfg.ai_loss == "ocsoftmax"
     model = new_model(languages, params.audio, params.features, params.model.base_width, params.model.dropout,
                       cosine_head=one_class_meta() if one_class else None)
-    net = TrainingNet(model, one_class).to(device)
+    sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
+    adversary = cfg.chain_adversary > 0 and len(sampler.chains) > 1
+    net = TrainingNet(model, one_class, len(sampler.chains) if adversary else 0).to(device)
     if rank:
         torch.manual_seed(cfg.seed + 1000 * rank)   # dropout masks of its own (the weights are rank 0's)
     if device.type == "cuda":
@@ -293,7 +313,6 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     front_end = FrontEnd(params.audio, params.features).to(device)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
-    sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
     val_labels = [it.clip.label for it in val]
     use_amp = cfg.amp and device.type == "cuda"
     best, history, early = None, [], EarlyStopping(cfg.patience)
@@ -312,10 +331,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         for i in bar:
             step = (epoch - 1) * cfg.steps_per_epoch + i
             *batch, rngs = next(shards)   # this step's shard
-            waves, ai, lang, spk = (t.to(device) for t in batch)
+            waves, ai, lang, spk, chain = (t.to(device) for t in batch)
             feats = training_features(front_end, waves, rngs, params)
+            reversal = ramp(step / (cfg.epochs * cfg.steps_per_epoch), cfg.chain_adversary)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = multitask_loss(net, *step_model(feats), ai, lang, spk)
+                loss = multitask_loss(net, *step_model(feats), ai, lang, spk, chain, reversal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -439,11 +459,12 @@ def bootstrap(corpus: str | Path, params: Params, out: str | Path | None = None,
     save_checkpoint(model, out, threshold=calibration["threshold"], threshold_scoring=scoring_settings(params), data_hash=dhash, params_hash=params_hash(params),
                     notes={"corpus": str(corpus), "val_eer": metrics["overall"]["eer"], "trained_clips": len(train),
                            "twins": n_twins, "split_by": split_by, "calibration": calibration, "front_end": front_end,
-                           "ai_loss": params.train.ai_loss, "val_sources": sorted({it.clip.source for it in val})})
+                           "ai_loss": params.train.ai_loss, "chain_adversary": params.train.chain_adversary,
+                           "val_sources": sorted({it.clip.source for it in val})})
     result = {
         "checkpoint": str(out), "corpus": str(corpus), "data_hash": dhash, "params_hash": params_hash(params),
         "n_train": len(train), "n_twins": n_twins, "n_val": len(val), "split_by": split_by, "front_end": front_end,
-        "ai_loss": params.train.ai_loss, "val_sources": sorted({it.clip.source for it in val}),
+        "ai_loss": params.train.ai_loss, "chain_adversary": params.train.chain_adversary, "val_sources": sorted({it.clip.source for it in val}),
         "skipped": sorted(str(c.path) for c in train_clips + val_clips if c.path not in {it.clip.path for it in loaded}),
         "languages": list(model.meta.languages), "history": history, "calibration": calibration, "validation": metrics,
         "val_scores": [{"path": str(it.clip.path), "label": it.clip.label_name, "generator": it.clip.generator,
