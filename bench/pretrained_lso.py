@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import DEFAULT_CORPUS, RESULTS, machine, md_table, write_json
+from _common import DEFAULT_CORPUS, REPO, RESULTS, machine, md_table, write_json
 
 PARTIAL, STEP = 160, 77     # frames (10 ms) per partial, and between partials (Resemblyzer's rate 1.3/s)
 
@@ -105,7 +105,7 @@ def main() -> None:
     from pipeline.training.lso import source_folds, summarise_seed
 
     weights = args.weights or Path(importlib.util.find_spec("resemblyzer").origin).parent / "pretrained.pt"
-    params = load_params()
+    params = load_params(REPO / "params.yaml")   # the checkout's, wherever it runs from: its linked sources make the folds
     real = read_corpus(args.corpus)
     twins = [c for c in with_twins(real, args.twins_dir) if c.twin_of] if args.twins_dir else []
     folds = source_folds(real, args.folds, params.train.seed, source_groups(params.train.linked_sources))
