@@ -101,10 +101,14 @@ def test_bootstrap_with_the_one_class_loss_scores_by_its_direction(small_corpus,
     assert 0.0 < model.meta.threshold < 1.0 and report["calibration"]["threshold"] == model.meta.threshold
 
 
-def test_bootstrap_with_the_chain_adversary_keeps_it_out_of_the_checkpoint(small_corpus, tiny_params, tmp_path):
+def test_bootstrap_with_the_chain_adversary_keeps_it_out_of_the_checkpoint(small_corpus, tiny_params, tmp_path,
+                                                                          caplog):
     # given: train.chain_adversary on
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"chain_adversary": 0.5})})
-    report = bootstrap(small_corpus.root, params, tmp_path / "adv.pt", tmp_path / "adv.json", twins=tmp_path / "none")
+    with caplog.at_level("INFO", logger="pipeline.training.train"):
+        report = bootstrap(small_corpus.root, params, tmp_path / "adv.pt", tmp_path / "adv.json",
+                           twins=tmp_path / "none")
+    assert any("chain adversary:" in r.message and "strength 0.5" in r.message for r in caplog.records)
     plain = bootstrap(small_corpus.root, tiny_params, tmp_path / "plain.pt", tmp_path / "plain.json",
                       twins=tmp_path / "none")
     # then: the model is a detector like any other (no adversary weights saved), its training was changed by the

@@ -301,6 +301,9 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     sampler = BalancedSampler(train, np.random.default_rng(cfg.seed))
     adversary = cfg.chain_adversary > 0 and len(sampler.chains) > 1
     net = TrainingNet(model, one_class, len(sampler.chains) if adversary else 0).to(device)
+    if cfg.chain_adversary > 0 and rank == 0:
+        log.info("chain adversary: %s", f"{len(sampler.chains)} human sources, strength {cfg.chain_adversary}"
+                 if adversary else "off (the training split holds humans of one source only)")
     if rank:
         torch.manual_seed(cfg.seed + 1000 * rank)   # dropout masks of its own (the weights are rank 0's)
     if device.type == "cuda":
