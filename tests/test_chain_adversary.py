@@ -89,3 +89,26 @@ def test_batches_name_the_chain_of_humans_and_their_twins_only():
     tts_rows = (ai == 1) & (chain == NOT_A_CHAIN)
     assert twin_rows and tts_rows.any(), "the batch holds both twins and real AI"
     assert all(chain[i + 1] == 0 for i in twin_rows), "a twin carries its original's chain (phone)"
+
+
+@pytest.mark.parametrize("human_sources, expected", [(["phone"], "off (the training split holds humans of one source"),
+                                                     (["phone", "studio"], "2 human sources, strength 0.5")])
+def test_training_says_whether_the_adversary_runs(human_sources, expected, caplog):
+    from pipeline.training.train import train_model
+
+    params = load_params("/nonexistent", overrides={
+        "model.base_width": 4, "train.epochs": 1, "train.steps_per_epoch": 1, "train.batch_size": 4,
+        "train.chain_adversary": 0.5, "compute.batch_workers": 0, "features.kind": "mel"})
+
+    def clip(name, label, source, seed):
+        wave = make_speech_like(3.5, 24000, seed=seed)
+        return LoadedClip(Clip(Path(f"{name}.wav"), label, "human" if label == 0 else "tts", name, "en", source,
+                               sha256=name), wave, (0, len(wave)))
+
+    humans = [clip(f"h{i}", 0, src, i) for i, src in enumerate(human_sources * 2)]
+    train = humans + [clip("a0", 1, "ttspage", 10), clip("a1", 1, "ttspage", 11)]
+    val = [clip("vh", 0, "other", 20), clip("va", 1, "ttspage2", 21)]
+    with caplog.at_level("INFO", logger="pipeline.training.train"):
+        model, history = train_model(train, val, params)
+    assert model is not None and len(history) == 1
+    assert any(r.message.startswith("chain adversary: ") and expected in r.message for r in caplog.records)
