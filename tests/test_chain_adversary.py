@@ -41,7 +41,7 @@ def test_the_trunk_gets_the_adversary_gradient_reversed_and_the_adversary_its_ow
     feats, chain = torch.randn(4, 1, 16, 40), torch.tensor([0, 2, NOT_A_CHAIN, 1])
     # when: the adversary's loss is back-propagated with a reversal of 0.4, and plainly (the trunk helping it)
     _, emb = net(feats)
-    net.chain_loss(emb, chain, 0.4).backward()
+    net.adversary.loss(emb, chain, 0.4).backward()
     reversed_trunk = net.model.trunk.conv1.weight.grad.clone()
     reversed_adv = net.adversary.net[0].weight.grad.clone()
     net.zero_grad()
@@ -56,7 +56,7 @@ def test_the_trunk_gets_the_adversary_gradient_reversed_and_the_adversary_its_ow
 def test_rows_without_a_human_chain_are_ignored_but_the_graph_reaches_every_adversary_weight():
     net = _net(chain_sources=2)
     _, emb = net(torch.randn(2, 1, 16, 40))
-    loss = net.chain_loss(emb, torch.tensor([NOT_A_CHAIN, NOT_A_CHAIN]), 0.5)
+    loss = net.adversary.loss(emb, torch.tensor([NOT_A_CHAIN, NOT_A_CHAIN]), 0.5)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in net.adversary.parameters())

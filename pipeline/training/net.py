@@ -47,12 +47,6 @@ class TrainingNet(nn.Module):
         cos = F.normalize(emb.float(), dim=-1) @ F.normalize(self.direction, dim=0)
         return oc_loss(cos, ai != AI_LABEL)
 
-    def chain_loss(self, emb: torch.Tensor, source: torch.Tensor, strength: float) -> torch.Tensor:
-        """The adversary's loss (0 without one); its gradient reaches the trunk reversed, times `strength`."""
-        if self.adversary is None:
-            return emb.sum() * 0.0
-        return self.adversary.loss(emb, source, strength)
-
     @torch.no_grad()
     def sync(self) -> None:
         """Copy the learned direction into the model's cosine head (before it scores or is saved)."""

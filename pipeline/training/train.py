@@ -211,7 +211,7 @@ def multitask_loss(net: TrainingNet, out: dict[str, torch.Tensor], emb: torch.Te
     adversary's cross-entropy (its gradient into the trunk reversed, times `reversal`), when there is one."""
     loss = net.ai_loss(out, emb, ai) + 0.5 * F.cross_entropy(out["speakers"], spk)
     if chain is not None and net.adversary is not None:
-        loss = loss + net.chain_loss(emb, chain, reversal)
+        loss = loss + net.adversary.loss(emb, chain, reversal)
     if (lang >= 0).any():
         loss = loss + 0.5 * F.cross_entropy(out["language"], lang, ignore_index=-100)
     return loss
