@@ -81,3 +81,11 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     return str(o)
+
+
+def logit(p):
+    """log(p / (1 - p)) of probabilities clipped to [1e-6, 1 - 1e-6]: scores of several models averaged as logits."""
+    import numpy as np
+
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))

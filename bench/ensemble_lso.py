@@ -18,12 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import DEFAULT_CORPUS, RESULTS, machine, md_table, write_json
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+from _common import DEFAULT_CORPUS, RESULTS, logit, machine, md_table, write_json
 
 
 def main() -> None:

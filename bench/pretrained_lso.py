@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import DEFAULT_CORPUS, REPO, RESULTS, machine, md_table, write_json
+from _common import DEFAULT_CORPUS, REPO, RESULTS, logit, machine, md_table, write_json
 
 PARTIAL, STEP = 160, 77     # frames (10 ms) per partial, and between partials (Resemblyzer's rate 1.3/s)
 
@@ -113,7 +113,6 @@ def main() -> None:
     real = [c for c in real if str(c.path) in feats]
     twins = [c for c in twins if str(c.path) in feats]
     fold_of = np.array([next(f for f, ss in enumerate(folds) if c.source in ss) for c in real])
-    logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
     rows, best = [], None
 
     def row(name: str, scores: np.ndarray, clips=real, fo=fold_of) -> dict:
