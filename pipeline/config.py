@@ -298,9 +298,10 @@ class FinetuneConfig(Section):
     distill_ai: float = Field(3.0, ge=0, description="recipes that change the trunk: weight of the loss that keeps the ai "
                               "head's output on the replay (humans, earlier AI) as production's")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="train-split humans (by speaker, and copies) for early stopping")
-    calibration_folds: int = Field(2, ge=0, description="the threshold is calibrated on all test-split humans and the "
-                                   "gates judge its human FPR cross-fitted over this many speaker-disjoint parts; 0: "
-                                   "calibrated on calibration_fraction of them, the gates judge the rest")
+    calibration_folds: int = Field(5, ge=0, description="the threshold is calibrated on all test-split humans and the "
+                                   "gates judge its human FPR cross-fitted over this many speaker-disjoint parts (fewer, "
+                                   "down to 2, when the speakers cannot fill them); 0: calibrated on calibration_fraction "
+                                   "of them, the gates judge the rest")
     calibration_fraction: float = Field(0.4, gt=0, lt=1, description="calibration_folds 0: test-split humans (by "
                                         "speaker) for threshold calibration; never trained on by production or the candidate")
     patience: int = Field(3, gt=0, description="epochs without a better early-stopping EER before stopping")

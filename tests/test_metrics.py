@@ -121,3 +121,22 @@ def test_crossfit_judges_each_speaker_at_a_threshold_it_took_no_part_in():
     assert max(scores) < threshold_at_fpr(scores, 0.0), "in sample, nobody passes"
     with pytest.raises(ValueError, match="folds"):
         crossfit_fpr(clips, scores, 0.0, folds=1, seed=0)
+
+
+def test_crossfit_uses_fewer_parts_when_the_speakers_cannot_fill_the_folds_asked():
+    from pathlib import Path as P
+
+    from pipeline.core.data import Clip
+    from pipeline.training.calibration import crossfit_fpr
+
+    rng = np.random.default_rng(0)
+    for n_speakers, expected in ((20, 5), (3, 3), (2, 2)):
+        # given: 60 humans of n_speakers speakers, 5 folds asked
+        clips = [Clip(P(f"/h/{i}.wav"), 0, "human", f"s{i % n_speakers}", "en", "src") for i in range(60)]
+        scores = rng.uniform(size=60).tolist()
+        r = crossfit_fpr(clips, scores, 0.05, folds=5, seed=1)
+        # then: as many speaker-disjoint parts as the speakers allow, each human judged once by the others' threshold
+        assert (r["folds"], r["folds_asked"]) == (expected, 5), r
+        assert len(r["per_fold"]) == expected and sum(f["n"] for f in r["per_fold"]) == 60
+        assert all(f["calibrated_on"] == 60 - f["n"] for f in r["per_fold"])
+        assert r["k"] == sum(f["flagged"] for f in r["per_fold"])
