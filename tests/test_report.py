@@ -105,7 +105,9 @@ def test_every_version_reads_as_one_line_with_short_tags(validated, capsys, capl
     assert line.startswith("validate stage: ") and "piper-joe" in line and "judged against v1" in line, line
     assert verdict["status"].upper() in line, f"the verdict: {line}"
     failed = [n for n, g in verdict["gates"].items() if not g["passed"]]
-    if failed:
+    if verdict["status"] == "insufficient evidence":   # what is missing, with the count it needs
+        assert all(m.split(" (")[0] in line for m in verdict["missing_evidence"]) and "need >= " in line, line
+    elif failed:
         assert len(re.findall(r"rule [<>]=", line)) == min(3, len(failed)), f"the failed gates' figures: {line}"
     else:
         assert "new-generator recall" in line and "human FPR" in line, f"the deciding figures: {line}"

@@ -599,3 +599,23 @@ def test_twins_of_train_humans_join_the_earlier_ai_replay(project, small_corpus,
     assert twins and all(c.label == AI_LABEL for c in twins), "twins are replayed as AI"
     assert {t.twin_of for t in twins} <= {h.sha256 for h in humans}, "no twin of a test-split human is replayed"
     assert not any(c.twin_of for c in without) and len(with_twins) == len(without) + len(twins)
+
+
+def test_a_gate_that_no_count_could_pass_is_insufficient_evidence_not_a_failure():
+    # given: 60 gate humans, none flagged. The 95 % upper end of 0/60 is 0.060, over the 5 % limit, so the
+    # pessimistic human-FPR gate could not pass whatever the candidate did: 73 is the least that can
+    few = _metrics(0.01, 0.0, 1.0, n=60)
+    verdict = judge(few, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 1, GatesConfig())
+    assert verdict["status"] == INSUFFICIENT, verdict["reasons"]
+    assert any("60 humans" in m and "need >= 73" in m for m in verdict["missing_evidence"]), verdict["missing_evidence"]
+    line = describe_candidate(verdict, {}, base_version=1, data_hash="abcdef12", trigger="test")
+    assert "INSUFFICIENT EVIDENCE" in line and "upper end is still 0.060, over 0.05: need >= 73" in line, line
+    enough = judge(_metrics(0.01, 0.0, 1.0, n=73), _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 1, GatesConfig())
+    assert enough["passed"], enough["reasons"]
+    # gated on its estimate, 60 humans with none flagged are evidence enough
+    assert judge(few, _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 1, GatesConfig(pessimistic=()))["passed"]
+    # the recall gated on its lower end: 4 of 4 new files caught is [0.51, 1], which 0.9 can never clear (35 can)
+    strict = GatesConfig(pessimistic=("human_fpr", "new_recall"))
+    recall = judge(_metrics(0.01, 0.0, 1.0), _metrics(0.06, 0.02, 0.25), {"trunk": True}, ENOUGH, 1, strict)
+    assert recall["status"] == INSUFFICIENT and any("4 new files" in m and "need >= 35" in m
+                                                     for m in recall["missing_evidence"]), recall["missing_evidence"]

@@ -78,6 +78,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
+def least_trials(limit: float, upper: bool, z: float = 1.96) -> int | None:
+    """The fewest trials whose best count (none, for a rate gated on its upper end; all, on its lower end)
+    has a 95 % Wilson end within the limit: with fewer, a gate on that end can never pass.
+    None when no number of trials can (a limit of 0 or 1)."""
+    if not 0 < limit < 1:
+        return None
+    n = max(1, math.ceil(z * z * ((1 - limit) / limit if upper else limit / (1 - limit))) - 1)
+    while (wilson(0, n, z)[1] > limit) if upper else (wilson(n, n, z)[0] < limit):
+        n += 1
+    return n
+
+
 def rate(k: int, n: int) -> dict:
     """A rate with its count and 95 % Wilson interval: {"value", "k", "n", "low", "high"}."""
     lo, hi = wilson(k, n)

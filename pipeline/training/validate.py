@@ -25,7 +25,8 @@ import torch
 
 from pipeline.config import GatesConfig, Params
 from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips, read_corpus
-from pipeline.core.metrics import EARLIER_GATE, at_fpr, compute_eer, rate, recall_at_fpr, threshold_at_fpr
+from pipeline.core.metrics import (EARLIER_GATE, at_fpr, compute_eer, least_trials, rate, recall_at_fpr, threshold_at_fpr,
+                                   wilson)
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
 from pipeline.progress import progress
@@ -125,6 +126,16 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
     if "unavailable" in cand["fpr"]:
         missing.append(f"no out-of-sample human FPR: {cand['fpr']['unavailable']} (ingest test-split human speech "
                        "of more speakers, or set finetune.calibration_folds: 0)")
+    for gate, key, limit, upper in (("human_fpr", "fpr", gates.max_human_fpr, True),
+                                    ("new_recall", "new_recall", gates.min_new_recall, False)):
+        n, need = cand[key]["n"], least_trials(limit, upper)
+        if gate in gates.pessimistic and "unavailable" not in cand[key] and need and 0 < n < need:
+            best = wilson(0, n)[1] if upper else wilson(n, n)[0]
+            missing.append(f"{n} humans judge the human FPR, and with none flagged its 95 % upper end is still "
+                           f"{best:.3f}, over {limit}: need >= {need} (ingest test-split human speech)" if upper else
+                           f"{n} new files judge the recall, and with all caught its 95 % lower end is still {best:.3f}, "
+                           f"under {limit}: need >= {need} (ingest more clips, or gate the estimate: "
+                           "validate.gates.pessimistic)")
     end = lambda r, name, high: (r["high"] if high else r["low"]) if name in gates.pessimistic else r["value"]
     fpr_used = end(cand["fpr"], "human_fpr", True)
     recall_used = end(cand["new_recall"], "new_recall", False)
