@@ -6,9 +6,9 @@
 
 Each DIR holds one training seed's seed<s>_fold<f>.pt; the seeds are summarised apart and averaged.
 A config is NAME:KEY=VALUE[;KEY=VALUE] over the `detect` section, plus `trim=1`: each clip cut to its
-voiced region (train.trim_silence_db) before scoring, as training crops are. Why: training crops stay inside the
-voiced region (train.trim_silence_db), while scoring averages every window of a clip, pauses and
-leading/trailing silence included; those windows carry the recording chain and nothing of the voice.
+voiced region (train.trim_silence_db) before scoring. Why: training crops stay inside that region, while
+scoring averages every window of a clip, pauses and leading/trailing silence included; those windows
+carry the recording chain and nothing of the voice.
 """
 from __future__ import annotations
 

@@ -78,14 +78,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
+def best_end(n: int, upper: bool, z: float = 1.96) -> float:
+    """The 95 % Wilson end a gate reads at the best count of n trials: the upper end of none (a rate gated
+    on its upper end, as a human FPR) or the lower end of all (on its lower end, as a recall)."""
+    return wilson(0, n, z)[1] if upper else wilson(n, n, z)[0]
+
+
 def least_trials(limit: float, upper: bool, z: float = 1.96) -> int | None:
-    """The fewest trials whose best count (none, for a rate gated on its upper end; all, on its lower end)
-    has a 95 % Wilson end within the limit: with fewer, a gate on that end can never pass.
-    None when no number of trials can (a limit of 0 or 1)."""
+    """The fewest trials whose best count's 95 % Wilson end (best_end) is within the limit: with fewer, a
+    gate on that end can never pass. None when no number of trials can (a limit of 0 or 1)."""
     if not 0 < limit < 1:
         return None
     n = max(1, math.ceil(z * z * ((1 - limit) / limit if upper else limit / (1 - limit))) - 1)
-    while (wilson(0, n, z)[1] > limit) if upper else (wilson(n, n, z)[0] < limit):
+    while (best_end(n, upper, z) > limit) if upper else (best_end(n, upper, z) < limit):
         n += 1
     return n
 

@@ -25,8 +25,8 @@ import torch
 
 from pipeline.config import GatesConfig, Params
 from pipeline.core.data import Clip, CorpusError, check_two_classes, load_clips, read_corpus
-from pipeline.core.metrics import (EARLIER_GATE, at_fpr, compute_eer, least_trials, rate, recall_at_fpr, threshold_at_fpr,
-                                   wilson)
+from pipeline.core.metrics import (EARLIER_GATE, at_fpr, best_end, compute_eer, least_trials, rate, recall_at_fpr,
+                                   threshold_at_fpr)
 from pipeline.core.model import AI_LABEL, Detector
 from pipeline.core.scoring import score_model
 from pipeline.progress import progress
@@ -130,7 +130,7 @@ def judge(cand: dict, prod: dict, frozen: dict[str, bool], evidence: dict, tries
                                     ("new_recall", "new_recall", gates.min_new_recall, False)):
         n, need = cand[key]["n"], least_trials(limit, upper)
         if gate in gates.pessimistic and "unavailable" not in cand[key] and need and 0 < n < need:
-            best = wilson(0, n)[1] if upper else wilson(n, n)[0]
+            best = best_end(n, upper)
             missing.append(f"{n} humans judge the human FPR, and with none flagged its 95 % upper end is still "
                            f"{best:.3f}, over {limit}: need >= {need} (ingest test-split human speech)" if upper else
                            f"{n} new files judge the recall, and with all caught its 95 % lower end is still {best:.3f}, "
