@@ -88,6 +88,37 @@ def test_twins_step_writes_chain_preserving_twins_and_goes_on_after_failures(tmp
     assert len(list((out / "audio").rglob("*.flac"))) == len(left), "and so are their files"
 
 
+@pytest.fixture
+def one_thread():
+    """Workers are forked only where torch runs one thread (forked_workers); a worker runs one too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_vocoders_side_by_side_make_the_same_twins_and_an_interrupted_run_is_swept(tmp_path, one_thread):
+    corpus = _corpus(tmp_path / "corpus")
+    # (world is left out: pyworld's aperiodic noise comes from a C generator that runs on across calls)
+    cfg = TwinsConfig(vocoders=("griffinlim", "lpc", "istft"), neural_steps=2, neural_batch_size=2)
+    pairs = lambda out: sorted((r["twin_of"], r["generator"], r["sha256"]) for r in csv.DictReader((out / "MANIFEST.csv").open()))
+    # when: the same twins are made in one process, and with a forked worker beside it
+    alone = make_twins(corpus, tmp_path / "alone", cfg)
+    beside = make_twins(corpus, tmp_path / "beside", cfg, workers=1)
+    # then: the same twins, bit for bit, the same failures, and every vocoder timed
+    assert pairs(tmp_path / "alone") == pairs(tmp_path / "beside") and len(pairs(tmp_path / "alone")) == 3 * 3 - 1
+    assert alone.failed == beside.failed and set(beside.seconds) == set(cfg.vocoders), beside.to_dict()
+    assert set(beside.decoders) == {"istft"}, "the decoder's training report comes back from whichever process trained it"
+    # and: files an interrupted run left without manifest rows are removed by the next run, twins kept
+    stray = [tmp_path / "beside" / "audio" / "zz" / "unlisted.flac", tmp_path / "beside" / "audio" / ".x.flac.1-ab.tmp.flac"]
+    for p in stray:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    assert make_twins(corpus, tmp_path / "beside", cfg, workers=1).added == 0
+    assert not any(p.exists() for p in stray), "stray files swept"
+    assert len(list((tmp_path / "beside" / "audio").rglob("*.flac"))) == 8, "every listed twin kept"
+
+
 def test_twins_join_only_the_clips_they_were_made_from(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     make_twins(corpus, tmp_path / "twins", TwinsConfig(vocoders=("griffinlim",)))

@@ -13,12 +13,14 @@ from pipeline.config import Params
 from pipeline.io.disk import require_free
 from pipeline.stages.common import stage_main, write_json
 from pipeline.synthesis.twins import make_twins
+from pipeline.training.forked import forked_workers
 
 
 def run(params: Params, corpus: str | Path | None = None, out: str | Path | None = None) -> dict:
     cfg = params.twins
     require_free(out or cfg.out, params.storage.min_free_gb, "twins")
-    report = make_twins(corpus or params.ingest.store, out or cfg.out, cfg).to_dict()
+    workers = forked_workers(params, "cpu")   # one vocoder per process where a core is free (compute.batch_workers)
+    report = make_twins(corpus or params.ingest.store, out or cfg.out, cfg, workers).to_dict()
     write_json(cfg.report, report)
     return {"added": report["added"], "existing": report["existing"], "failed": report["n_failed"],
             "out": str(out or cfg.out), "report": cfg.report}

@@ -16,6 +16,7 @@ recorded with its reason and skipped; originals are only read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from pipeline.progress import progress
 from pipeline.synthesis.neural import (SR, DecoderTraining, NeuralVocoder, load_decoder, read_decoder_config,
                                        save_decoder, train_decoder)
 from pipeline.synthesis.vocoders import SIGNAL_VOCODERS, VocoderError, codec2
+from pipeline.training.forked import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def decoder_training(name: str, cfg: TwinsConfig) -> DecoderTraining:
                            seed=cfg.seed, max_minutes=cfg.neural_max_minutes)
 
 
-def neural_vocoder(name: str, out: Path, humans: list[Clip], cfg: TwinsConfig, report: TwinsReport) -> NeuralVocoder:
+def neural_vocoder(name: str, out: Path, humans: list[Clip], cfg: TwinsConfig, decoders: dict) -> NeuralVocoder:
     """The decoder `vocoders/<name>.pt` in the twins folder, trained first when it is not there."""
     path = out / "vocoders" / f"{name}.pt"
     if not path.exists():
@@ -83,44 +85,72 @@ def neural_vocoder(name: str, out: Path, humans: list[Clip], cfg: TwinsConfig, r
         log.info("training the %s decoder on %d human clips (%d steps)", name, len(waves), cfg.neural_steps)
         model, training_report = train_decoder(waves, training)
         save_decoder(model, training, training_report, path)
-        report.decoders[name] = training_report
+        decoders[name] = training_report
     return NeuralVocoder(load_decoder(path))
 
 
-def make_twins(corpus: str | Path, out: str | Path, cfg: TwinsConfig) -> TwinsReport:
-    """Twins of `corpus`'s human training clips by every vocoder in cfg.vocoders, into `out`."""
+def make_twins(corpus: str | Path, out: str | Path, cfg: TwinsConfig, workers: int = 0) -> TwinsReport:
+    """Twins of `corpus`'s human training clips by every vocoder in cfg.vocoders, into `out`.
+
+    Each vocoder is one job; with `workers` forked processes they run side by side (a neural decoder's
+    training, the longest, here; the signal vocoders beside it), with the same twins as in sequence."""
     out = Path(out)
     clips = read_corpus(corpus)
     humans = originals(clips)
     rows = prune(out, read_manifest(out), cfg)
+    sweep(out, rows)
     done = {(r["twin_of"], r["generator"]) for r in rows}
     report = TwinsReport()
     batch = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    for name in cfg.vocoders:
+    jobs = []
+    for name in sorted(cfg.vocoders, key=lambda v: v not in NEURAL):   # neural first: the longest job
         todo = [c for c in humans if (c.sha256 or file_sha256(c.path), twin_generator(name)) not in done]
         report.existing += len(humans) - len(todo)
-        if not todo:
-            continue
-        if name in NEURAL:
-            vocoder = neural_vocoder(name, out, humans, cfg, report)
-        elif name == "codec2":
-            vocoder = lambda x, sr: codec2(x, sr, cfg.codec2_mode)
-        else:
-            vocoder = SIGNAL_VOCODERS[name]
-        started = time.monotonic()
-        for clip in progress(todo, desc=f"twins {name}", unit="clip"):
-            try:
-                rows.append(_twin(clip, name, vocoder, out, batch))
-                report.added += 1
-            except (AudioError, VocoderError, ValueError) as err:
-                reason = err.reason if isinstance(err, AudioError) else str(err)
-                report.failed.append({"file": str(clip.path), "vocoder": name, "reason": reason})
-                log.warning("twin %s of %s: %s", name, clip.path, reason)
-        report.seconds[name] = time.monotonic() - started
-        write_manifest(out, rows)   # after each vocoder: an interrupted run keeps what it finished
-    if not rows:
-        write_manifest(out, rows)
+        if todo:
+            jobs.append((name, todo))
+    results = fork_map(functools.partial(_vocoder_job, out=out, humans=humans, cfg=cfg, batch=batch), jobs, workers)
+    for (name, _), result in sorted(zip(jobs, results), key=lambda j: cfg.vocoders.index(j[0][0])):
+        rows += result["rows"]
+        report.added += len(result["rows"])
+        report.failed += result["failed"]
+        report.seconds[name] = result["seconds"]
+        report.decoders.update(result["decoders"])
+    if jobs or not (out / "MANIFEST.csv").exists():
+        write_manifest(out, rows)   # once, after every job: an interrupted run's files are swept by the next
     return report
+
+
+def _vocoder_job(job: tuple[str, list[Clip]], out: Path, humans: list[Clip], cfg: TwinsConfig, batch: str) -> dict:
+    """One vocoder's twins of `todo` (its decoder trained first when neural); rows and failures come back."""
+    name, todo = job
+    result = {"rows": [], "failed": [], "decoders": {}}
+    if name in NEURAL:
+        vocoder = neural_vocoder(name, out, humans, cfg, result["decoders"])
+    elif name == "codec2":
+        vocoder = lambda x, sr: codec2(x, sr, cfg.codec2_mode)
+    else:
+        vocoder = SIGNAL_VOCODERS[name]
+    started = time.monotonic()
+    for clip in progress(todo, desc=f"twins {name}", unit="clip"):
+        try:
+            result["rows"].append(_twin(clip, name, vocoder, out, batch))
+        except (AudioError, VocoderError, ValueError) as err:
+            reason = err.reason if isinstance(err, AudioError) else str(err)
+            result["failed"].append({"file": str(clip.path), "vocoder": name, "reason": reason})
+            log.warning("twin %s of %s: %s", name, clip.path, reason)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def sweep(out: Path, rows: list[dict]) -> None:
+    """Remove files under `out/audio` that no manifest row names: twins (or temporary files) of a run that
+    was interrupted before it wrote the manifest. The folder is this step's output, never user data."""
+    named = {r["path"] for r in rows}
+    stray = [p for p in (out / "audio").rglob("*") if p.is_file() and p.relative_to(out).as_posix() not in named]
+    for p in stray:
+        p.unlink()
+    if stray:
+        log.info("removed %d files of an interrupted twins run", len(stray))
 
 
 def prune(out: Path, rows: list[dict], cfg: TwinsConfig) -> list[dict]:
