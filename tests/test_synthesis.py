@@ -197,3 +197,27 @@ def test_batch_workers_make_the_same_batches_in_the_same_order():
         assert all(torch.equal(x, y) for x, y in zip(a[:5], b[:5]))
         assert [r.bit_generator.state for r in a[5]] == [r.bit_generator.state for r in b[5]]
     assert not torch.equal(here[0][0], here[1][0]), "each step draws anew"
+
+
+def test_batch_workers_make_the_training_features_with_the_batch():
+    from pipeline.core.features import FrontEnd
+    from pipeline.training.train import shard_stream, training_features
+
+    params, sampler = _twin_sampler()
+    front_end = FrontEnd(params.audio, params.features.model_copy(update={"kind": "mel"}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)   # this process on two threads, a worker on one: the features must not differ
+    try:
+        waves = list(shard_stream(sampler, params, ["en"], total=3))
+        here = list(shard_stream(sampler, params, ["en"], total=3, front_end=front_end))
+        assert torch.get_num_threads() == 2, "this process's threads are restored after making features"
+        ahead = list(shard_stream(sampler, params, ["en"], total=3, workers=1, front_end=front_end))
+    finally:
+        torch.set_num_threads(before)
+    for w, a, b in zip(waves, here, ahead):
+        expected = training_features(front_end, w[0], w[5], params)   # what the training loop made from the waves
+        assert a[5] is None and b[5] is None, "no generators left to draw from: SpecAugment is done"
+        assert a[0].shape == expected.shape == (8, 1, params.features.n_mels, a[0].shape[-1])
+        assert torch.allclose(a[0], expected, atol=1e-5), "the features the loop would have made from the waves"
+        assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1:5], b[1:5])), \
+            "bit for bit the same whether a worker or this process makes them"

@@ -18,6 +18,7 @@ What keeps the model off the recording chain (docs/architecture.md, "Decisions")
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -157,11 +158,12 @@ def make_batch(sampler: BalancedSampler, params: Params, languages: list[str], r
 
 
 def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], step: int, rank: int = 0,
-               world: int = 1):
+               world: int = 1, front_end: FrontEnd | None = None):
     """This rank's share of step `step`'s global batch of train.batch_size rows: the pairs k with
     k % world == rank, pair k drawn (clips, crops, augmentation, then its rows' SpecAugment) from its
     own generator seeded (train.seed, step, k). So every process count draws the same global batch,
-    and N ranks train on the schedule of one. Returns make_batch's tensors and one generator per row."""
+    and N ranks train on the schedule of one. Returns make_batch's tensors and one generator per row;
+    with a (CPU) `front_end`, the waves are already its training features and the generators None."""
     pairs = [k for k in range(max(params.train.batch_size // 2, 1)) if k % world == rank]
     rows, rngs = [], []
     for k in pairs:
@@ -169,7 +171,23 @@ def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], s
         got = _pair_rows(sampler, params, rng)
         rows += got
         rngs += [rng] * len(got)
-    return (*_tensors(rows, languages, sampler.chains), rngs)
+    waves, *labels = _tensors(rows, languages, sampler.chains)
+    if front_end is None:
+        return waves, *labels, rngs
+    with one_thread():   # the same bits in a batch worker (one thread) and here
+        return training_features(front_end, waves, rngs, params), *labels, None
+
+
+@contextlib.contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
 
 
 class _Shards(torch.utils.data.Dataset):
@@ -177,15 +195,15 @@ class _Shards(torch.utils.data.Dataset):
     the next ones while the model trains on this one, and the batches are the same with or without them."""
 
     def __init__(self, sampler: BalancedSampler, params: Params, languages: list[str], rank: int, world: int,
-                 total: int) -> None:
-        self.sampler, self.params, self.languages, self.rank, self.world, self.total = \
-            sampler, params, languages, rank, world, total
+                 total: int, front_end: FrontEnd | None) -> None:
+        self.sampler, self.params, self.languages, self.rank, self.world, self.total, self.front_end = \
+            sampler, params, languages, rank, world, total, front_end
 
     def __len__(self) -> int:
         return self.total
 
     def __getitem__(self, step: int):
-        return make_shard(self.sampler, self.params, self.languages, step, self.rank, self.world)
+        return make_shard(self.sampler, self.params, self.languages, step, self.rank, self.world, self.front_end)
 
 
 def _as_is(item):
@@ -193,12 +211,12 @@ def _as_is(item):
 
 
 def shard_stream(sampler: BalancedSampler, params: Params, languages: list[str], total: int, rank: int = 0,
-                 world: int = 1, workers: int = 0):
+                 world: int = 1, workers: int = 0, front_end: FrontEnd | None = None):
     """make_shard's output for steps 0..total-1 in order, made `workers` processes ahead (forked: they
     share the decoded clips) or, with 0, in this process when asked for."""
     if workers == 0:
-        return (make_shard(sampler, params, languages, step, rank, world) for step in range(total))
-    loader = torch.utils.data.DataLoader(_Shards(sampler, params, languages, rank, world, total), batch_size=None,
+        return (make_shard(sampler, params, languages, step, rank, world, front_end) for step in range(total))
+    loader = torch.utils.data.DataLoader(_Shards(sampler, params, languages, rank, world, total, front_end), batch_size=None,
                                          shuffle=False, num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
                                          multiprocessing_context="fork",
                                          generator=torch.Generator())   # not torch's global one: dropout draws from it
@@ -324,7 +342,9 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     if rank == 0:
         log.info("batch workers: %d per training process (compute.batch_workers: %s)", workers,
                  params.compute.batch_workers)
-    shards = shard_stream(sampler, params, languages, cfg.epochs * cfg.steps_per_epoch, rank, world, workers)
+    # on a CPU the spectrograms are made with the batch, ahead, by the batch workers; on a GPU here, on it
+    shards = shard_stream(sampler, params, languages, cfg.epochs * cfg.steps_per_epoch, rank, world, workers,
+                          front_end if device.type == "cpu" else None)
     started = time.monotonic()
     epochs = progress(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=True, when=rank == 0)
     for epoch in epochs:
@@ -334,8 +354,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         for i in bar:
             step = (epoch - 1) * cfg.steps_per_epoch + i
             *batch, rngs = next(shards)   # this step's shard
-            waves, ai, lang, spk, chain = (t.to(device) for t in batch)
-            feats = training_features(front_end, waves, rngs, params)
+            x, ai, lang, spk, chain = (t.to(device) for t in batch)
+            feats = x if rngs is None else training_features(front_end, x, rngs, params)
             reversal = ramp(step / (cfg.epochs * cfg.steps_per_epoch), cfg.chain_adversary)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = multitask_loss(net, *step_model(feats), ai, lang, spk, chain, reversal)
