@@ -5,10 +5,14 @@
     python bench/rescore_lso.py DIR [DIR ...] --config "default:" "quiet30:silent_window_db=30" "max:aggregate=max"
 
 Each DIR holds one training seed's seed<s>_fold<f>.pt; the seeds are summarised apart and averaged.
-A config is NAME:KEY=VALUE[;KEY=VALUE] over the `detect` section, plus `trim=1`: each clip cut to its
-voiced region (train.trim_silence_db) before scoring. Why: training crops stay inside that region, while
-scoring averages every window of a clip, pauses and leading/trailing silence included; those windows
-carry the recording chain and nothing of the voice.
+A config is NAME:KEY=VALUE[;KEY=VALUE] over the `detect` section, plus two keys of this script:
+- `trim=1`: each clip cut to its voiced region (train.trim_silence_db) before scoring. Why: training crops
+  stay inside that region, while scoring averages every window of a clip, pauses and leading/trailing
+  silence included; those windows carry the recording chain and nothing of the voice.
+- `channels=A+B+...`: each clip scored through each of these channels (CHANNELS below, the training
+  augmentation's low-passes, telephone band, mu-law, codec round trips; `id` = as is) and the scores'
+  logits averaged (test-time augmentation). Why: if the chain is the cue, putting every clip through the
+  same channel, or averaging over several, could take it away at scoring time.
 """
 from __future__ import annotations
 
@@ -21,6 +25,20 @@ import numpy as np
 import yaml
 
 from _common import DEFAULT_CORPUS, REPO, RESULTS, machine, md_table, write_json
+
+
+CHANNELS = ("id", "lp4k", "lp6k", "lp8k", "tel", "mulaw", "mp3", "opus")
+
+
+def through(channel: str, x: np.ndarray, sr: int = 24000) -> np.ndarray:
+    """x (at the model's rate) through one of CHANNELS: the training augmentation's own functions."""
+    from pipeline.core import augment as A
+
+    if channel.startswith("lp"):
+        return A.lowpass(x, sr, float(channel[2:-1]) * 1000)
+    return {"id": lambda: x, "tel": lambda: A.band_limit(x, sr, True), "mulaw": lambda: A.mulaw_8k(x, sr),
+            "mp3": lambda: A.codec_roundtrip(x, sr, "mp3", 0.9),
+            "opus": lambda: A.codec_roundtrip(x, sr, "opus", 0.9)}[channel]()
 
 
 def main() -> None:
@@ -47,6 +65,9 @@ def main() -> None:
         name, _, sets = spec.partition(":")
         detect = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets.split(";") if s)}
         trim = bool(detect.pop("trim", False))
+        channels = str(detect.pop("channels", "id")).split("+")
+        if unknown := set(channels) - set(CHANNELS):
+            raise SystemExit(f"{name}: unknown channels {sorted(unknown)} (known: {', '.join(CHANNELS)})")
         params = base.model_copy(update={"detect": base.detect.model_copy(update=detect)})
         per_seed = []
         for seed, folder in enumerate(args.model_dirs):
@@ -59,7 +80,9 @@ def main() -> None:
                 clips += [it.clip for it in items]
                 if trim:
                     items = [dataclasses.replace(it, wave=it.wave[it.voiced[0]:it.voiced[1]]) for it in items]
-                scores += validation_scores(model, items, params, "cpu")
+                each = [validation_scores(model, [dataclasses.replace(it, wave=through(ch, it.wave)) for it in items],
+                                          params, "cpu") for ch in channels]
+                scores += each[0] if len(each) == 1 else list(1 / (1 + np.exp(-np.mean([_logit(e) for e in each], 0))))
                 folds += [int(path.stem.split("fold")[1])] * len(items)
                 thresholds += [model.meta.threshold] * len(items)
             s = summarise_seed(clips, np.array(scores), np.array(folds), np.array(thresholds), seed)
@@ -67,7 +90,7 @@ def main() -> None:
                                               "matched_pair_eer_weighted", "human_fpr_at_threshold",
                                               "ai_recall_at_threshold")} | {"models": str(folder),
                                                                              "score_s": round(time.time() - started, 1)})
-        results.append({"config": name, "detect": detect, "trim": trim, "per_seed": per_seed})
+        results.append({"config": name, "detect": detect, "trim": trim, "channels": channels, "per_seed": per_seed})
         rows.append({"config": name, **{f"pooled s{i}": r["pooled_eer"] for i, r in enumerate(per_seed)},
                      "pooled mean": float(np.mean([r["pooled_eer"] for r in per_seed])),
                      **{f"matched s{i}": r["matched_pair_eer"] for i, r in enumerate(per_seed)},
@@ -75,6 +98,11 @@ def main() -> None:
         print(md_table(rows[-1:]), flush=True)
     print(md_table(rows))
     write_json(args.out, {"machine": machine(), "corpus": str(args.corpus), "results": results, "table": rows})
+
+
+def _logit(scores: list[float]) -> np.ndarray:
+    p = np.clip(np.asarray(scores, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 if __name__ == "__main__":
