@@ -180,6 +180,7 @@ def make_shard(sampler: BalancedSampler, params: Params, languages: list[str], s
 
 @contextlib.contextmanager
 def one_thread():
+    """torch on one thread inside (a reduction's bits can depend on the thread count), as before after."""
     before = torch.get_num_threads()
     if before != 1:
         torch.set_num_threads(1)
