@@ -5,13 +5,15 @@ global batch (train.batch_size rows per step, split across the processes) over t
 epoch, validation left out (rank 0 validates alone); the best epoch is reported, the first included.
 Each run registers into a throw-away MLflow store.
 
-    python bench/train_ddp.py                        # build/test-corpus, width params model.base_width, 1 and 2 processes
+    python bench/train_ddp.py --width 32             # build/test-corpus, the shipped width, 1 and 2 processes
     python bench/train_ddp.py --nproc 1 2 --steps 20 --epochs 2 --rounds 2
     python bench/train_ddp.py --nproc 1 --batch-workers 0 1 --corpus demo-project/data/store \
         --twins demo-project/data/twins --steps 50 --epochs 1 --rounds 2
 
 Rows with the same process count but other batch workers say whether their weights equal the first
-such row's (they should: a batch depends only on the seed and the step).
+such row's (they should: a batch depends only on the seed and the step). The runs' params file holds only
+the settings above (train schedule, compute, width): everything else is the code's default
+(pipeline/config.py), not this checkout's params.yaml, so the figures do not move when params.yaml does.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-workers", type=int, nargs="+", default=[0], help="compute.batch_workers values")
     ap.add_argument("--twins", type=Path, help="vocoded twins of the corpus (default: none)")
-    ap.add_argument("--width", type=int, help="trunk width (default: params model.base_width)")
+    ap.add_argument("--width", type=int, help="trunk width (default: the code's, 64; params.yaml ships 32)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=2)
