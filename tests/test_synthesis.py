@@ -91,10 +91,10 @@ def test_twins_step_writes_chain_preserving_twins_and_goes_on_after_failures(tmp
 @pytest.fixture
 def one_thread():
     """Workers are forked only where torch runs one thread (forked_workers); a worker runs one too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from pipeline.training.train import one_thread as torch_on_one_thread
+
+    with torch_on_one_thread():
+        yield
 
 
 def test_vocoders_side_by_side_make_the_same_twins_and_an_interrupted_run_is_swept(tmp_path, one_thread):
