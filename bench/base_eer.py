@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from _common import DEFAULT_CORPUS, RESULTS, machine, md_table, write_json  # first: puts the project on sys.path
+from pipeline.atomic import atomic_path
 from pipeline.config import load_params
 from pipeline.training.lso import leave_sources_out
 
@@ -37,13 +38,15 @@ def twin_view(twins_dir: Path, vocoders: list[str], work: Path) -> str:
         return ""
     view = work / ("twins_" + "_".join(sorted(vocoders)))
     view.mkdir(parents=True, exist_ok=True)
-    if not (view / "audio").exists():
+    try:   # seeds run as separate jobs make the same view at the same time
         (view / "audio").symlink_to((twins_dir / "audio").resolve())
+    except FileExistsError:
+        pass
     with (twins_dir / "MANIFEST.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         rows = [r for r in reader if r["generator"].removeprefix("twin-") in vocoders]
         fields = reader.fieldnames
-    with (view / "MANIFEST.csv").open("w", newline="") as f:
+    with atomic_path(view / "MANIFEST.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
