@@ -34,8 +34,25 @@ system-deps:
 			|| echo "warning: could not install $$optional: the browser, PostgreSQL and SSH tests will skip"; \
 	fi
 
+# The two suites run side by side: the integration tests spend much of their time waiting on servers,
+# workers and heartbeats, which the unit tests fill (docs/benchmarks.md 8d). The unit tests'
+# output is shown when both have finished; `make test-unit` / `make test-integration` run one suite.
 test: setup
+	@log=$$(mktemp -d)/unit-tests.log; \
+	echo "unit tests running beside the integration tests (their output is shown at the end)"; \
+	$(BIN)/python -m pytest -q -m "not integration" -p no:cacheprovider > $$log 2>&1 & unit=$$!; \
+	trap 'kill $$unit 2>/dev/null; exit 130' INT TERM; \
+	$(BIN)/python -m pytest -q -m integration; integration=$$?; \
+	wait $$unit; unit_rc=$$?; \
+	echo "=== unit tests ==="; cat $$log; rm -r "$$(dirname $$log)"; \
+	echo "make test: unit tests $$([ $$unit_rc = 0 ] && echo passed || echo FAILED)," \
+		"integration tests $$([ $$integration = 0 ] && echo passed || echo FAILED)"; \
+	[ $$unit_rc = 0 ] && [ $$integration = 0 ]
+
+test-unit: setup
 	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: setup
 	$(BIN)/python -m pytest -q -m integration
 
 demo: setup
