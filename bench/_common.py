@@ -89,3 +89,11 @@ def logit(p):
 
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
+
+
+def mean_logit(scores):
+    """The probability at the mean logit of several score arrays (one per model or channel): how the
+    benchmarks average scores."""
+    import numpy as np
+
+    return 1 / (1 + np.exp(-np.mean([logit(np.asarray(s)) for s in scores], axis=0)))

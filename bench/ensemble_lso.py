@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import DEFAULT_CORPUS, RESULTS, logit, machine, md_table, write_json
+from _common import DEFAULT_CORPUS, RESULTS, machine, md_table, mean_logit, write_json
 
 
 def main() -> None:
@@ -38,11 +38,11 @@ def main() -> None:
         raise SystemExit("the result files hold different folds (or clips): run them with the same --fold-seed")
     clips = [c for c in read_corpus(args.corpus) if str(c.path) in folds[0]]
     fold = np.array([folds[0][str(c.path)] for c in clips])
-    logits = [logit(np.array([s[str(c.path)]["ai_score"] for c in clips])) for s in scores]
+    probs = [np.array([s[str(c.path)]["ai_score"] for c in clips]) for s in scores]
     rows = []
 
     def judge(name: str, members: tuple[int, ...]) -> np.ndarray:
-        mean = 1 / (1 + np.exp(-np.mean([logits[i] for i in members], axis=0)))
+        mean = mean_logit([probs[i] for i in members])
         s = summarise_seed(clips, mean, fold, np.full(len(clips), 0.5), 0)
         rows.append({"members": name, "pooled_eer": round(s["pooled_eer"], 3),
                      "ci": "%.3f-%.3f" % tuple(s["pooled_eer_ci"]),

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from _common import DEFAULT_CORPUS, REPO, RESULTS, logit, machine, md_table, write_json
+from _common import DEFAULT_CORPUS, REPO, RESULTS, machine, md_table, mean_logit, write_json
 
 
 CHANNELS = ("id", "lp4k", "lp6k", "lp8k", "tel", "mulaw", "mp3", "opus")
@@ -82,7 +82,7 @@ def main() -> None:
                     items = [dataclasses.replace(it, wave=it.wave[it.voiced[0]:it.voiced[1]]) for it in items]
                 each = [validation_scores(model, [dataclasses.replace(it, wave=through(ch, it.wave)) for it in items],
                                           params, "cpu") for ch in channels]
-                scores += each[0] if len(each) == 1 else list(1 / (1 + np.exp(-np.mean([logit(e) for e in each], 0))))
+                scores += each[0] if len(each) == 1 else list(mean_logit(each))
                 folds += [int(path.stem.split("fold")[1])] * len(items)
                 thresholds += [model.meta.threshold] * len(items)
             s = summarise_seed(clips, np.array(scores), np.array(folds), np.array(thresholds), seed)
