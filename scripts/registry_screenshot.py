@@ -80,8 +80,11 @@ def screenshots(uri: str, out: Path, model: str) -> list[Path]:
         sys.exit(f"{uri}: no versions of {model}")
     latest = versions[-1]
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from pipeline.apps import process_group
+
+    server = process_group.start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                                  "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
         options.add_argument(arg)
@@ -116,8 +119,7 @@ def screenshots(uri: str, out: Path, model: str) -> list[Path]:
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
-        server.wait(timeout=30)
+        process_group.stop(server, grace_s=30)   # with mlflow's job consumers
 
 
 def _close_side_panels(driver, by) -> None:

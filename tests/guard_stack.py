@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipeline.apps import process_group
 from pipeline.io import alias_guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +42,8 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, ok=lamb
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 15 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM to the process's group (started by process_group.start), then SIGKILL after 15 s."""
+    process_group.stop(proc, grace_s=15)
 
 
 @contextmanager
@@ -57,7 +53,7 @@ def mlflow_server(folder: Path, hook_url: str, secret: str) -> Iterator[str]:
     env = os.environ | alias_guard.server_env(hook_url, secret) | {"MLFLOW_WEBHOOK_CACHE_TTL": "1"}
     log = folder / "mlflow-server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        proc = process_group.start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                                  "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1",
                                  "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
     uri = f"http://127.0.0.1:{port}"
@@ -80,7 +76,7 @@ def aivoice_serve(folder: Path, tracking_uri: str, secret: str, port: int, *, ui
                         "AIVOICE_CACHE_DIR": str(folder / "serve-cache"), "OMP_NUM_THREADS": "1"}
     log = folder / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "aivoice"), "--params", str(params), "serve"], stdout=out,
+        proc = process_group.start([str(BIN / "aivoice"), "--params", str(params), "serve"], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=folder)
     try:
         _wait(f"http://127.0.0.1:{port}/health", proc, log, 120)

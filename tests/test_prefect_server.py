@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from flows.retrain import STAGES
+from pipeline.apps import process_group
 from test_flows import MODEL, RELAXED_GATES, REPO, make_project
 
 BIN = Path(sys.executable).parent
@@ -38,21 +39,12 @@ def _free_port() -> int:
 def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     """A child in its own process group (so stopping it stops what it started), output to `log`."""
     with log.open("w") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return process_group.start(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it has not exited within 20 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    """SIGTERM the child's process group, then SIGKILL what is left of it after 20 s."""
+    process_group.stop(proc, grace_s=20)
 
 
 def _tail(log: Path, n: int = 3000) -> str:

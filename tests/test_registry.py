@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from guard_stack import stop_process
+from pipeline.apps import process_group
 from pipeline.io import registry, tracking
 from pipeline.config import load_params, params_hash
 from pipeline.core.model import load_checkpoint
@@ -504,7 +505,7 @@ def mlflow_server(tmp_path, monkeypatch):
            "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     log_file = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = process_group.start(cmd, stdout=log_file, stderr=subprocess.STDOUT)   # mlflow's job consumers end with it
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(uri, proc, tmp_path / "server.log", timeout_s=60)

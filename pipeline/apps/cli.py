@@ -343,41 +343,46 @@ def _cmd_serve(args, params) -> int:
 
 def _cmd_ui(args, params) -> int:
     """The MLflow UI on the tracking store; with a webhook secret set, champion moves made in it are sent to
-    `aivoice serve` (--hook-url, default serve.host:serve.port) and pass the promotion guard."""
+    `aivoice serve` (--hook-url, default serve.host:serve.port) and pass the promotion guard. The UI runs in
+    a process group of its own that is stopped whole when this command ends (Ctrl-C, SIGTERM or the UI's
+    own exit): MLflow's job consumers outlive a SIGTERM to the mlflow process alone."""
     import os
-    import subprocess
+    import signal
     import time
     import urllib.request
 
+    from pipeline.apps import process_group
     from pipeline.io import alias_guard, tracking
 
     uri = tracking.tracking_uri()
     secret = alias_guard.webhook_secret()
     hook_url = args.hook_url or f"http://{params.serve.host}:{params.serve.port}/hooks/mlflow"
     env = dict(os.environ) | (alias_guard.server_env(hook_url, secret) if secret else {})
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                             "--host", args.host, "--port", str(args.port)], env=env)
-    if secret is None:
-        log.warning("no webhook: champion moves made in this UI bypass the promotion guard (set $%s or $%s, "
-                    "and run aivoice serve with it)", alias_guard.SECRET_ENV, alias_guard.SECRET_FILE_ENV)
-        return proc.wait()
-    server = f"http://{args.host}:{args.port}"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{server}/health", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    if proc.poll() is None:
-        alias_guard.register_webhook(hook_url, secret, server)
-        print(f"champion moves in the UI go to {hook_url} (webhook {alias_guard.WEBHOOK_NAME})")
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # so the finally below runs
+    proc = process_group.start([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                "--host", args.host, "--port", str(args.port)], env=env)
     try:
+        if secret is None:
+            log.warning("no webhook: champion moves made in this UI bypass the promotion guard (set $%s or $%s, "
+                        "and run aivoice serve with it)", alias_guard.SECRET_ENV, alias_guard.SECRET_FILE_ENV)
+            return proc.wait()
+        server = f"http://{args.host}:{args.port}"
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{server}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        if proc.poll() is None:
+            alias_guard.register_webhook(hook_url, secret, server)
+            print(f"champion moves in the UI go to {hook_url} (webhook {alias_guard.WEBHOOK_NAME})", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+        return 128 + signal.SIGINT
+    finally:
+        process_group.stop(proc)
 
 
 def _cmd_webhook(args, params) -> int:
