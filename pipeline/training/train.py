@@ -10,8 +10,8 @@ What keeps the model off the recording chain (docs/architecture.md, "Decisions")
   pair differs only in how the waveform was made;
 - the other pairs draw a human and an AI clip, each class balanced over its sources;
 - crops stay inside each clip's voiced region (`train.trim_silence_db`), so leading and trailing
-  silence cannot be a cue; the augmentation (codecs, band limits, low-pass, RawBoost, gain, noise)
-  is drawn from one distribution for both labels;
+  silence cannot be a cue; the augmentation (gain, codecs, band limits, noise; low-pass, mu-law and
+  RawBoost as options) is drawn from one distribution for both labels;
 - a share of two-talker mixtures (human/AI pairs only) teaches the `speakers` head;
 - optionally (`train.chain_adversary`), a classifier of the training sources behind a gradient reversal
   pushes the trunk to drop what tells one recording chain from another (pipeline.training.chain_adversary).
