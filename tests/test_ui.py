@@ -33,6 +33,12 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _as_at_a_terminal() -> None:
+    """SIGINT back to its default in the child: a job that a non-interactive shell started with `&` (a CI
+    runner, nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -53,7 +59,8 @@ def test_ui_ends_with_every_process_it_started(tmp_path, how, secret):
     log = tmp_path / "ui.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([str(BIN / "aivoice"), "ui", "--port", str(port)], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_as_at_a_terminal)
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 120
