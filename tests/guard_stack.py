@@ -54,8 +54,8 @@ def mlflow_server(folder: Path, hook_url: str, secret: str) -> Iterator[str]:
     log = folder / "mlflow-server.log"
     with open(log, "wb") as out:
         proc = process_group.start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                                 "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                    "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1",
+                                    "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{uri}/health", proc, log, 90)
@@ -77,7 +77,7 @@ def aivoice_serve(folder: Path, tracking_uri: str, secret: str, port: int, *, ui
     log = folder / "serve.log"
     with open(log, "wb") as out:
         proc = process_group.start([str(BIN / "aivoice"), "--params", str(params), "serve"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=folder)
+                                   stderr=subprocess.STDOUT, env=env, cwd=folder)
     try:
         _wait(f"http://127.0.0.1:{port}/health", proc, log, 120)
         yield log
