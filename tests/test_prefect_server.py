@@ -23,6 +23,7 @@ import pytest
 
 from flows.retrain import STAGES
 from pipeline.apps import process_group
+from procs import parent
 from test_flows import MODEL, RELAXED_GATES, REPO, make_project
 
 BIN = Path(sys.executable).parent
@@ -152,13 +153,6 @@ def _ran_on(logs: dict, flow_run_id: str) -> list[str]:
     return took
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:   # it ended meanwhile (a DVC child)
-        return None
-
-
 def _task_states(env: dict, flow_run_id: str) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -262,7 +256,7 @@ def test_retrain_survives_a_killed_worker_and_two_retrains_never_overlap(tmp_pat
                     240, "inside a stage", logs)
         # and that worker and the flow run's process are SIGKILLed (the host is lost)
         pids = _flow_run_processes(killed)
-        takers = [name for name, (proc, _) in logs.items() if any(_parent(pid) == proc.pid for pid in pids)]
+        takers = [name for name, (proc, _) in logs.items() if any(parent(pid) == proc.pid for pid in pids)]
         assert len(takers) == 1, f"the flow run's process is a child of one worker: {pids} {takers}"
         taker = takers[0]
         assert _ran_on(logs, killed) == [taker], f"its log says it took the run: {_ran_on(logs, killed)}"

@@ -7,21 +7,14 @@ import subprocess
 import time
 
 from pipeline.apps import process_group
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from procs import running
 
 
 def _gone_soon(pid: int, within_s: float = 5.0) -> bool:
     deadline = time.monotonic() + within_s
-    while _running(pid) and time.monotonic() < deadline:
+    while running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _running(pid)
+    return not running(pid)
 
 
 def test_stop_ends_a_child_that_outlived_its_leader():
@@ -30,13 +23,13 @@ def test_stop_ends_a_child_that_outlived_its_leader():
     child = int(proc.stdout.readline())
     proc.wait(timeout=10)
     try:
-        assert _running(child)
+        assert running(child)
         # when the group is stopped
         process_group.stop(proc, grace_s=5)
         # then the child is gone too
         assert _gone_soon(child)
     finally:
-        if _running(child):
+        if running(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -53,5 +46,5 @@ def test_stop_kills_a_group_that_ignores_sigterm_after_the_grace():
         assert 1 <= time.monotonic() - started < 10
         assert _gone_soon(child)
     finally:
-        if _running(child):
+        if running(child):
             os.kill(child, signal.SIGKILL)

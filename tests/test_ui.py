@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from guard_stack import BIN, free_port
+from procs import running
 from pipeline.io import alias_guard
 
 pytestmark = pytest.mark.integration
@@ -37,14 +37,6 @@ def _as_at_a_terminal() -> None:
     """SIGINT back to its default in the child: a job that a non-interactive shell started with `&` (a CI
     runner, nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("how, secret", [(signal.SIGTERM, "s3cret"), (signal.SIGINT, None)],
@@ -81,7 +73,7 @@ def test_ui_ends_with_every_process_it_started(tmp_path, how, secret):
         status = proc.wait(timeout=60)
         # then nothing it started is left running
         deadline = time.monotonic() + 20
-        while (left := {p for p in started if _running(p)}) and time.monotonic() < deadline:
+        while (left := {p for p in started if running(p)}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, f"{len(left)} of {len(started)} processes left running: " + subprocess.run(
             ["ps", "-o", "pid,args", "-p", ",".join(map(str, left))], capture_output=True, text=True).stdout
@@ -90,6 +82,6 @@ def test_ui_ends_with_every_process_it_started(tmp_path, how, secret):
         assert status == 128 + how, f"exit status {status}: {log.read_text()[-2000:]}"
     finally:
         for pid in started | {proc.pid}:
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
