@@ -1,4 +1,6 @@
 """Base training on real speech: speaker-disjoint, reported per generator and source, deterministic on CPU."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +123,34 @@ def test_bootstrap_with_the_chain_adversary_keeps_it_out_of_the_checkpoint(small
     scores = [r["ai_score"] for r in report["val_scores"]]
     assert scores != [r["ai_score"] for r in plain["val_scores"]], "the reversed gradient reached the trunk"
     assert report["validation"]["overall"]["eer"] is not None
+
+
+def test_aivoice_bootstrap_makes_the_twins_the_corpus_lacks_unless_told_otherwise(small_corpus, tiny_params, tmp_path,
+                                                                                  monkeypatch, mlflow_store, capsys):
+    import json
+
+    from pipeline.apps.cli import main as aivoice
+    from pipeline.core.data import read_corpus
+    from pipeline.io.store import read_manifest
+    from pipeline.synthesis.twins import originals
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params.model_dump(mode="json", by_alias=True)))
+    run = ["--params", "params.yaml", "bootstrap", "--corpus", str(small_corpus.root)]
+    # given: no `aivoice twins` was run. when: the base is bootstrapped with the shipped settings
+    assert aivoice(run + ["--out", "a.pt", "--report", "a.json"]) == 0
+    made = read_manifest(tmp_path / tiny_params.train.twins)
+    humans = len(originals(read_corpus(small_corpus.root)))
+    assert {r["generator"] for r in made} == {"twin-griffinlim", "twin-codec2"}, "twins of every configured vocoder"
+    assert len(made) > humans, f"{len(made)} twins of {humans} human training clips"
+    assert json.loads(Path("a.json").read_text())["n_twins"] > 0, "the base trained on them (validation's own left out)"
+    assert "twins: " in capsys.readouterr().out, "the command says it made them"
+    # when: bootstrapped again, without twins, and on a twins folder given as it is
+    assert aivoice(run + ["--out", "b.pt", "--report", "b.json", "--no-twins"]) == 0
+    assert json.loads(Path("b.json").read_text())["n_twins"] == 0, "--no-twins trains without"
+    given = tmp_path / "mine"
+    given.mkdir()
+    assert aivoice(run + ["--out", "c.pt", "--report", "c.json", "--twins", str(given)]) == 0
+    assert list(given.iterdir()) == [] and json.loads(Path("c.json").read_text())["n_twins"] == 0, \
+        "a folder given with --twins is only read"
+    assert len(read_manifest(tmp_path / tiny_params.train.twins)) == len(made), "nothing was remade"

@@ -102,14 +102,16 @@ def _cmd_bootstrap(args, params) -> int:
     from pipeline.training.evaluate import GENERATOR_COLUMNS, format_table
     from pipeline.stages.bootstrap import run
 
-    if args.nproc > 1:   # the same command again, under torchrun, in nproc processes
+    if args.nproc > 1 and args.lso:
+        log.error("--lso with --nproc: run `aivoice evaluate` first, then bootstrap")
+        return 2
+    twins = _twins_for(args, params)
+    if args.nproc > 1:   # the same command again, under torchrun, in nproc processes, on the twins made here
         from pipeline.training.distributed import launch
 
-        if args.lso:
-            log.error("--lso with --nproc: run `aivoice evaluate` first, then bootstrap")
-            return 2
-        return launch(args.nproc, "pipeline.apps.cli", _without_nproc(args.argv))
-    report = run(params, args.corpus, args.out, args.report, args.twins, args.lso, args.seeds)
+        made_here = ["--twins", twins] if twins and args.twins is None else []
+        return launch(args.nproc, "pipeline.apps.cli", _without_nproc(args.argv) + made_here)
+    report = run(params, args.corpus, args.out, args.report, twins, args.lso, args.seeds)
     if not report:   # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if report["lso"]:
@@ -133,6 +135,22 @@ def _cmd_bootstrap(args, params) -> int:
     return 0
 
 
+def _twins_for(args, params) -> str:
+    """The twins folder a training reads: `--twins DIR` as given (read only), none with `--no-twins`, else
+    `train.twins` with the twins of the corpus it lacks made first (the twins step; docs: README, Twins)."""
+    if args.no_twins:
+        return ""
+    if args.twins is not None:
+        return str(args.twins)
+    from pipeline.stages.twins import ensure
+
+    made = ensure(params, args.corpus or params.ingest.store)
+    if made is not None:
+        print(f"twins: {made['added']} made, {made['existing']} already there, {made['failed']} failed "
+              f"(reasons in {made['report']}); in {made['out']}")
+    return params.train.twins
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -148,7 +166,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _cmd_evaluate(args, params) -> int:
     from pipeline.stages.evaluate import describe, run
 
-    result = run(params, args.corpus or params.ingest.store, args.leave_sources_out, args.seeds)
+    twins = _twins_for(args, params)
+    result = run(params, args.corpus or params.ingest.store, args.leave_sources_out, args.seeds, twins)
     print(describe(result))
     print(f"report: {result['report']} (per source and per generator); MLflow run {result['mlflow_run_id']}")
     return 0
@@ -512,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, type=Path, help="folder with MANIFEST.csv or human/ and ai/ subfolders")
     p.add_argument("--out", type=Path, help="checkpoint to write (default: train.out in params)")
     p.add_argument("--report", type=Path, help="JSON report (default: train.report in params)")
-    p.add_argument("--twins", type=Path, help="vocoded twins folder (default: train.twins; made by `aivoice twins`)")
+    p.add_argument("--twins", type=Path, help="vocoded twins folder to read as it is (default: train.twins, where "
+                                              "the twins the corpus lacks are made first, as `aivoice twins` makes them)")
+    p.add_argument("--no-twins", action="store_true", help="train without vocoded twins")
     p.add_argument("--lso", type=int, default=0, metavar="K",
                    help="first evaluate the recipe leave-sources-out with K folds and tag the version with the figures")
     p.add_argument("--seeds", type=int, default=1, help="with --lso: training seeds")
@@ -524,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-sources-out", type=int, required=True, metavar="K", help="number of folds of whole sources")
     p.add_argument("--corpus", type=Path, help="corpus folder (default: the store, ingest.store)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds (train.seed, +1, ...)")
+    p.add_argument("--twins", type=Path, help="vocoded twins folder to read as it is (default: train.twins, where "
+                                              "the twins the corpus lacks are made first)")
+    p.add_argument("--no-twins", action="store_true", help="evaluate the recipe without vocoded twins")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("audit-corpus", help="shortcut audit: can recording-chain features alone tell the labels apart?")

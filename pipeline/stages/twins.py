@@ -26,6 +26,16 @@ def run(params: Params, corpus: str | Path | None = None, out: str | Path | None
             "out": str(out or cfg.out), "report": cfg.report}
 
 
+def ensure(params: Params, corpus: str | Path) -> dict | None:
+    """Make the twins of `corpus` that `train.twins` lacks, before a training that reads that folder: so
+    `aivoice bootstrap` and `aivoice evaluate` train the shipped recipe (with twins) even where `aivoice
+    twins` was not run first. Only what is missing is made; None when the recipe has no twins to make
+    (`train.twins` empty or `twins.vocoders` empty: the folder is then read as it is)."""
+    if not params.train.twins or not params.twins.vocoders:
+        return None
+    return run(params, corpus, params.train.twins)
+
+
 def main(argv: list[str] | None = None) -> int:
     return stage_main("twins", run, argv)
 
