@@ -225,7 +225,11 @@ class TrainConfig(Section):
         noise_prob=0.3, noise_base_level=0.2, stretch_prob=0.3, codec_prob=0.2, band_limit_prob=0.3,
         pitch_shift_prob=0.3, spec_augment_prob=0.5)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
+    amp: bool = Field(True, description="bf16 autocast in training on a CUDA GPU")
+    cpu_amp: bool = Field(False, description="bf16 autocast in training on a CPU with native bf16 (AVX512-BF16 / AMX; "
+                          "float32 elsewhere): faster, and slightly worse leave-sources-out (docs/benchmarks.md 5n)")
+    channels_last: bool = Field(True, description="channels_last weights and inputs in training (always with bf16 "
+                                "and on CUDA): the layout the CPU's convolution kernels run fastest in")
     gpu_batch_size: int = Field(128, gt=0, description="batch size when training on a GPU (bf16, channels_last)")
     compile: bool = Field(False, description="torch.compile the model for training on CUDA (ignored on CPU; "
                           "untested on a GPU so far)")
@@ -412,8 +416,9 @@ class ComputeConfig(Section):
     batch_workers: processes that make the next training batches (crops, augmentation) while the model
     trains on this one (bootstrap, evaluate), or that share fine-tuning's independent jobs (the replay's
     augmentation, the frozen caches, the leave-one-file-out trainings). Each batch is a function of
-    (train.seed, step), each job of its seed, so the model is the same for any number. `auto`: 1 per
-    training process when the host has a core for it, else 0 (in-process)."""
+    (train.seed, step), each job of its seed, so the model is the same for any number. `auto`: where the
+    host has 2 cores per training process, 2 batch makers for bootstrap (its batch takes longer to make than
+    the model's step: docs/benchmarks.md 5n) and 1 worker for fine-tuning's jobs and the twins; else 0."""
 
     threads: Threads = "auto"
     batch_workers: Workers = "auto"
@@ -493,12 +498,13 @@ def auto_threads() -> int | None:
     return 1 if cores <= 2 or load >= cores else None
 
 
-def batch_workers(params: Params, processes: int = 1) -> int:
-    """How many batch-making processes each of `processes` training processes gets (compute.batch_workers)."""
+def batch_workers(params: Params, processes: int = 1, auto: int = 1) -> int:
+    """How many batch-making processes each of `processes` training processes gets (compute.batch_workers):
+    `auto` of them when the host has 2 cores per training process, else none."""
     setting = params.compute.batch_workers
     if setting != "auto":
         return setting
-    return 1 if (os.cpu_count() or 1) >= 2 * processes else 0
+    return auto if (os.cpu_count() or 1) >= 2 * processes else 0
 
 
 def apply_threads(params: Params) -> int:

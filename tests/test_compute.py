@@ -116,3 +116,29 @@ def test_cli_refuses_a_bad_threads_value(tmp_path, caplog):
     path.write_text("compute:\n  threads: many\n")
     assert main(["--params", str(path), "models"]) == 2
     assert "compute.threads" in caplog.text
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu amx_tile amx_bf16", True), ("fpu avx512_bf16x", False)])
+def test_bf16_training_only_where_a_cpu_has_native_bf16(tmp_path, flags, native):
+    from pipeline.core.scoring import native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert native_bf16(torch.device("cpu"), cpuinfo) is native, flags
+    assert native_bf16(torch.device("cpu"), tmp_path / "missing") is False, "no cpuinfo: float32"
+    assert native_bf16(torch.device("cuda")) is True
+
+
+@pytest.mark.parametrize(("cores", "processes", "bootstrap", "others"), [
+    (2, 1, 2, 1),    # a 2-core host: two batch makers for bootstrap, one worker for fine-tuning and twins
+    (2, 2, 0, 0),    # two training processes on 2 cores: none
+    (8, 2, 2, 1),
+    (1, 1, 0, 0),
+])
+def test_auto_batch_workers_follow_the_cores_per_training_process(monkeypatch, cores, processes, bootstrap, others):
+    host(monkeypatch, cores, 0.0)
+    p = load_params("/nonexistent")
+    assert config.batch_workers(p, processes, auto=2) == bootstrap and config.batch_workers(p, processes) == others
+    fixed = load_params("/nonexistent", overrides={"compute.batch_workers": 3})
+    assert config.batch_workers(fixed, processes, auto=2) == 3, "a number is used as it is"

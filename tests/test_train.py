@@ -154,3 +154,26 @@ def test_aivoice_bootstrap_makes_the_twins_the_corpus_lacks_unless_told_otherwis
     assert list(given.iterdir()) == [] and json.loads(Path("c.json").read_text())["n_twins"] == 0, \
         "a folder given with --twins is only read"
     assert len(read_manifest(tmp_path / tiny_params.train.twins)) == len(made), "nothing was remade"
+
+
+def test_training_runs_in_bf16_exactly_where_the_cpu_has_it_natively(small_corpus, tiny_params, tmp_path, caplog):
+    from pipeline.core.scoring import native_bf16
+
+    native = native_bf16(torch.device("cpu"))
+    weights, logs = {}, {}
+    for amp in (True, False):
+        params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"cpu_amp": amp,
+                                                                                                "device": "cpu"})})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipeline.training.train"):
+            report = bootstrap(small_corpus.root, params, tmp_path / f"{amp}.pt", tmp_path / f"{amp}.json")
+        logs[amp] = caplog.text
+        assert report["history"] and all(h["train_loss"] == h["train_loss"] for h in report["history"]), "finite losses"
+        weights[amp] = load_checkpoint(tmp_path / f"{amp}.pt", tiny_params.audio).state_dict()
+    assert ("bf16 autocast" in logs[True]) is native and "float32, channels_last" in logs[False], \
+        f"train.cpu_amp on a CPU {'with' if native else 'without'} native bf16: {logs[True][-300:]}"
+    differ = any(not torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+    assert differ is native, "the bf16 run's weights differ from float32's only where bf16 was used"
+    saved = torch.load(tmp_path / "True.pt", weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() and t.dtype != torch.bfloat16 for t in saved.values()), \
+        "the checkpoint holds float32 weights in the usual layout, whatever the training arithmetic"

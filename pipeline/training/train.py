@@ -38,7 +38,7 @@ from pipeline.core.data import (CorpusError, LoadedClip, check_two_classes, data
 from pipeline.core.features import FrontEnd, crop_at, draw_start, resolve_kind
 from pipeline.core.metrics import compute_eer
 from pipeline.core.model import Detector, new_model, save_checkpoint
-from pipeline.core.scoring import pick_device, score_model, scoring_settings
+from pipeline.core.scoring import native_bf16, pick_device, score_model, scoring_settings
 from pipeline.progress import progress
 from pipeline.synthesis.twins import with_twins
 from pipeline.training.calibration import calibrate
@@ -325,8 +325,11 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
                  if adversary else "off (the training split holds humans of one source only)")
     if rank:
         torch.manual_seed(cfg.seed + 1000 * rank)   # dropout masks of its own (the weights are rank 0's)
-    if device.type == "cuda":
+    use_amp = (cfg.amp if device.type == "cuda" else cfg.cpu_amp) and native_bf16(device)   # benchmarks 5n
+    channels_last = cfg.channels_last or use_amp or device.type == "cuda"   # the convolution kernels' fast layout
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         params = params.model_copy(update={"train": cfg.model_copy(update={"batch_size": cfg.gpu_batch_size})})
     step_model = net if world == 1 else torch.nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -336,10 +339,12 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch)
     val_labels = [it.clip.label for it in val]
-    use_amp = cfg.amp and device.type == "cuda"
+    if rank == 0:
+        log.info("training arithmetic: %s%s", "bf16 autocast" if use_amp else "float32",
+                 ", channels_last" if channels_last else "")
     best, history, early = None, [], EarlyStopping(cfg.patience)
     average, average_from = None, int(cfg.swa_start * cfg.epochs * cfg.steps_per_epoch)
-    workers = batch_workers(params, world)
+    workers = batch_workers(params, world, auto=2)   # making a batch takes longer than the model's step (5n)
     if rank == 0:
         log.info("batch workers: %d per training process (compute.batch_workers: %s)", workers,
                  params.compute.batch_workers)
@@ -357,6 +362,8 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
             *batch, rngs = next(shards)   # this step's shard
             x, ai, lang, spk, chain = (t.to(device) for t in batch)
             feats = x if rngs is None else training_features(front_end, x, rngs, params)
+            if channels_last:
+                feats = feats.contiguous(memory_format=torch.channels_last)
             reversal = ramp(step / (cfg.epochs * cfg.steps_per_epoch), cfg.chain_adversary)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = multitask_loss(net, *step_model(feats), ai, lang, spk, chain, reversal)
@@ -405,7 +412,7 @@ def train_model(train: list[LoadedClip], val: list[LoadedClip], params: Params) 
         log.info("weights averaged over the last %d steps: validation EER %.4f", average.count, eer)
     else:
         model.load_state_dict(best)
-    return model.to("cpu").eval(), history
+    return model.to("cpu", memory_format=torch.contiguous_format).eval(), history
 
 
 def selected_val_eer(history: list[dict], select: str) -> float:
@@ -420,9 +427,8 @@ SWA_BN_BATCHES = 16   # batches that re-estimate the averaged model's batch-norm
 
 def training_features(front_end: FrontEnd, waves: torch.Tensor, rngs: list, params: Params) -> torch.Tensor:
     """Waves as the model sees them in training: log-mel, then each row's SpecAugment from its own
-    generator; (B, 1, bins, T), channels_last on CUDA."""
-    feats = torch.stack([augment_spec(f, params.train.augment, r) for f, r in zip(front_end(waves), rngs)])
-    return feats.contiguous(memory_format=torch.channels_last) if feats.device.type == "cuda" else feats
+    generator; (B, 1, bins, T)."""
+    return torch.stack([augment_spec(f, params.train.augment, r) for f, r in zip(front_end(waves), rngs)])
 
 
 def training_clips(corpus: str | Path, params: Params, twins: str | Path | None = None) -> list:
