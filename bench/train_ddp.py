@@ -10,8 +10,8 @@ Each run registers into a throw-away MLflow store.
     python bench/train_ddp.py --nproc 1 --batch-workers 0 1 --corpus demo-project/data/store \
         --twins demo-project/data/twins --steps 50 --epochs 1 --rounds 2
 
-Rows with the same process count but other batch workers say whether their weights equal the first
-such row's (they should: a batch depends only on the seed and the step). The runs' params file holds only
+Rows with the same process count and arithmetic but other batch workers say whether their weights equal
+the first such row's (they should: a batch depends only on the seed and the step). The runs' params file holds only
 the settings above (train schedule, compute, width): everything else is the code's default
 (pipeline/config.py), not this checkout's params.yaml, so the figures do not move when params.yaml does.
 """
@@ -32,6 +32,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, machine, md_table, write_json  # noqa: E402
 
+ARITHMETIC = {"fp32": {"channels_last": False, "cpu_amp": False}, "cl": {"channels_last": True, "cpu_amp": False},
+              "bf16": {"channels_last": True, "cpu_amp": True}}   # bf16 only where the CPU has it natively
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--arith", nargs="+", default=["cl"], choices=list(ARITHMETIC),
+                    help="training arithmetic: fp32 (contiguous), cl (float32, channels_last), bf16 (train.cpu_amp)")
     ap.add_argument("--out", type=Path, default=RESULTS / "train_ddp.json")
     args = ap.parse_args(argv)
 
@@ -57,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                         "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
                         "AIVOICE_ARTIFACT_ROOT": str(tmp / "artifacts"), "AIVOICE_CACHE_DIR": str(tmp / "cache")}
     rows, info = [], machine()
-    first: dict[int, dict] = {}
+    first: dict[tuple, dict] = {}
     for r in range(args.rounds):
-        for n, bw in [(n, bw) for n in args.nproc for bw in args.batch_workers]:
-            tag = f"r{r}n{n}w{bw}"
-            (tmp / f"{tag}.yaml").write_text(yaml.safe_dump(settings | {"compute": {"threads": 1, "batch_workers": bw}}))
+        for n, bw, arith in [(n, bw, a) for n in args.nproc for bw in args.batch_workers for a in args.arith]:
+            tag = f"r{r}n{n}w{bw}{arith}"
+            run_settings = settings | {"compute": {"threads": 1, "batch_workers": bw},
+                                       "train": settings["train"] | ARITHMETIC[arith]}
+            (tmp / f"{tag}.yaml").write_text(yaml.safe_dump(run_settings))
             load = os.getloadavg()[0]
             t = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "pipeline.apps.cli", "--params", str(tmp / f"{tag}.yaml"),
@@ -75,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads((tmp / f"{tag}.json").read_text())
             hist = report["history"]
             weights = torch.load(tmp / f"{tag}.pt", weights_only=True)["state_dict"]
-            same = all(torch.equal(weights[k], v) for k, v in first.setdefault(n, weights).items())
-            rows.append({"round": r + 1, "processes": n, "batch_workers": bw, "threads_each": 1, "global_batch": args.batch,
+            same = all(torch.equal(weights[k], v) for k, v in first.setdefault((n, arith), weights).items())
+            rows.append({"round": r + 1, "processes": n, "batch_workers": bw, "arithmetic": arith, "threads_each": 1,
+                         "global_batch": args.batch,
                          "segments_per_s": max(h["segments_per_s"] for h in hist),
                          "epoch_train_s": [h["train_s"] for h in hist], "val_eer": report["validation"]["overall"]["eer"],
                          "same_weights": same, "command_wall_s": round(wall, 1), "load_1min": round(load, 2)})
