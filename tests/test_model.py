@@ -169,3 +169,16 @@ def test_import_needs_the_architecture(params, tmp_path):
     torch.save({"linear.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="conv1"):
         import_checkpoint(tmp_path / "other.pt", params)
+
+
+def test_a_scorer_lays_weights_out_channels_last_only_when_asked(params):
+    conv = lambda m: m.trunk.layer1[0].conv2.weight
+    training = new_model(["en"], params.audio, params.features, 8, 0.0).to(memory_format=torch.channels_last)
+    Scorer(training, params.audio, "cpu")   # validation between a bootstrap's epochs
+    assert conv(training).is_contiguous(memory_format=torch.channels_last) and not conv(training).is_contiguous(), \
+        "scoring a model that trains on leaves its layout as it is"
+    plain = new_model(["en"], params.audio, params.features, 8, 0.0)
+    Scorer(plain, params.audio, "cpu")
+    assert conv(plain).is_contiguous(), "and a default-layout model keeps its own"
+    Scorer(plain, params.audio, "cpu", channels_last=True)
+    assert not conv(plain).is_contiguous(), "detect and serve lay it out channels_last"

@@ -69,10 +69,12 @@ class Scorer:
     def __init__(self, model: Detector, audio: AudioConfig, device: str = "auto", channels_last: bool = False) -> None:
         """`channels_last`: for a model that only scores from now on (detect, serve): its convolution
         weights are laid out NHWC in place, 1.4x the windows/s of the default layout on CPU (docs/benchmarks.md
-        section 8b) with scores equal within 1e-6. Off for models that training goes on with."""
+        section 8b) with scores equal within 1e-6. Off for models that training goes on with: their layout is
+        left as it is (a bootstrap trains in channels_last and validates between epochs)."""
         self.device = pick_device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.model = (model.to(self.device, memory_format=self.memory_format) if channels_last
+                      else model.to(self.device)).eval()
         self.front_end = FrontEnd(audio, model.meta.feature_config()).to(self.device)
 
     @torch.inference_mode()
