@@ -198,6 +198,9 @@ class TrainConfig(Section):
     linked_sources: tuple[tuple[str, ...], ...] = ()
     twins: str = Field("data/twins", description="folder of vocoded twins (aivoice twins); '' for none")
     twin_fraction: float = Field(0.5, ge=0, le=1)
+    matched_fraction: float = Field(0.0, ge=0, le=1, description="share of the other human/AI pairs drawn from one "
+                                    "training source that holds both labels (a page's human and its AI), through "
+                                    "one channel: pairs the recording chain cannot tell apart")
     trim_silence_db: float = Field(40.0, ge=0, description="training crops stay inside the clip's voiced region: "
                                    "frames this many dB below its loudest frame at either end are cut (0 = off)")
     epochs: int = Field(12, gt=0)

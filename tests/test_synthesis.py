@@ -221,3 +221,30 @@ def test_batch_workers_make_the_training_features_with_the_batch():
         assert torch.allclose(a[0], expected, atol=1e-5), "the features the loop would have made from the waves"
         assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1:5], b[1:5])), \
             "bit for bit the same whether a worker or this process makes them"
+
+
+def test_matched_pairs_take_a_human_and_an_ai_clip_of_one_source_through_one_channel():
+    from pipeline.core.data import Clip
+
+    def sampler_and_params(fraction):
+        params = load_params("/nonexistent", overrides={"train.twin_fraction": 0.0, "train.mixture_fraction": 0.0,
+                                                         "train.matched_fraction": fraction, "train.batch_size": 16})
+        wave = np.full(72000, 0.1, np.float32)   # wherever a crop starts, the page's two clips give the same one
+        page = [LoadedClip(Clip(Path(f"{n}.wav"), label, n, "s", "en", "page"), wave.copy(), (0, len(wave)))
+                for n, label in (("h", 0), ("a", 1))]
+        human_only = LoadedClip(Clip(Path("o.wav"), 0, "human", "s2", "en", "other"), make_speech_like(3.0, 24000, seed=8), (0, 72000))
+        ai_only = LoadedClip(Clip(Path("t.wav"), 1, "tts", "s3", "en", "tts"), make_speech_like(3.0, 24000, seed=9), (0, 72000))
+        return params, BalancedSampler([*page, human_only, ai_only], np.random.default_rng(0))
+
+    params, sampler = sampler_and_params(1.0)
+    assert sampler.matched == ["page"], "only a source holding both labels gives matched pairs"
+    rng = np.random.default_rng(1)
+    waves, ai, _, _, _ = make_batch(sampler, params, ["en"], rng)
+    assert ai.tolist() == [0, 1] * 8
+    for i in range(0, 16, 2):
+        assert torch.equal(waves[i], waves[i + 1]), "the page's human and AI clip (here one constant) share one channel"
+    assert len({waves[i].sum().item() for i in range(0, 16, 2)}) > 1, "each pair draws its own channel"
+    # off (the default): pairs draw their classes independently, from every source, each through its own channel
+    params, sampler = sampler_and_params(0.0)
+    waves, ai, _, _, _ = make_batch(sampler, params, ["en"], np.random.default_rng(1))
+    assert not all(torch.equal(waves[i], waves[i + 1]) for i in range(0, 16, 2))

@@ -8,7 +8,9 @@ What keeps the model off the recording chain (docs/architecture.md, "Decisions")
 - half of every batch's human/AI pairs (`train.twin_fraction`) are a human clip and its vocoded twin
   (pipeline.synthesis), cropped at the same place and put through the same channel augmentation: the
   pair differs only in how the waveform was made;
-- the other pairs draw a human and an AI clip, each class balanced over its sources;
+- the other pairs draw a human and an AI clip, each class balanced over its sources; optionally
+  (`train.matched_fraction`) some of them come from one training source that holds both labels (a page's
+  human and its AI), through one channel;
 - crops stay inside each clip's voiced region (`train.trim_silence_db`), so leading and trailing
   silence cannot be a cue; the augmentation (gain, codecs, band limits, noise; low-pass, mu-law and
   RawBoost as options) is drawn from one distribution for both labels;
@@ -77,6 +79,8 @@ class BalancedSampler:
         for it in real:
             if it.clip.sha256 in self.twins:
                 self.twinned[it.clip.source].append(it)
+        ai_sources = {it.clip.source for it in real if it.clip.label == 1}
+        self.matched = sorted(src for src in self.by_label[0] if src in ai_sources)   # twins aside
 
     def _pick(self, pools: dict[str, list[LoadedClip]]) -> LoadedClip:
         src = sorted(pools)[int(self.rng.integers(len(pools)))]
@@ -89,6 +93,12 @@ class BalancedSampler:
         human = self._pick(self.twinned)
         twins = self.twins[human.clip.sha256]
         return human, twins[int(self.rng.integers(len(twins)))]
+
+    def draw_matched(self) -> tuple[LoadedClip, LoadedClip]:
+        """A human and an AI clip of one source that holds both labels, sources equally weighted."""
+        src = self.matched[int(self.rng.integers(len(self.matched)))]
+        pick = lambda pool: pool[int(self.rng.integers(len(pool)))]
+        return pick(self.by_label[0][src]), pick(self.by_label[1][src])
 
     def partner(self, first: LoadedClip) -> LoadedClip | None:
         """Another clip of the same class by a different talker, for a two-talker mixture."""
@@ -121,6 +131,11 @@ def _pair_rows(sampler: BalancedSampler, params: Params, rng: np.random.Generato
         y, _ = voiced_crop(twin, seg, rng, region=human.voiced, start=start)   # same words, same place
         channel = draw_wave_params(cfg.augment, rng)                         # same channel for both
         return [(apply_wave(x, sr, channel), human, False), (apply_wave(y, sr, channel), twin, False)]
+    if cfg.matched_fraction and sampler.matched and rng.random() < cfg.matched_fraction:
+        human, ai = sampler.draw_matched()
+        channel = draw_wave_params(cfg.augment, rng)                         # one channel for the pair
+        return [(apply_wave(voiced_crop(it, seg, rng)[0], sr, channel), it, it.clip.n_speakers > 1)
+                for it in (human, ai)]
     rows = []
     for label in (0, 1):
         item = sampler.draw(label)
