@@ -420,8 +420,8 @@ class ComputeConfig(Section):
     trains on this one (bootstrap, evaluate), or that share fine-tuning's independent jobs (the replay's
     augmentation, the frozen caches, the leave-one-file-out trainings). Each batch is a function of
     (train.seed, step), each job of its seed, so the model is the same for any number. `auto`: where the
-    host has 2 cores per training process, 2 batch makers for bootstrap (its batch takes longer to make than
-    the model's step: docs/benchmarks.md 5n) and 1 worker for fine-tuning's jobs and the twins; else 0."""
+    host has 2 cores per training process, 2 batch makers for the base trainer (bootstrap and evaluate's fold
+    models: its batch takes longer to make than the model's step, docs/benchmarks.md 5n) and 1 worker for fine-tuning's jobs and the twins; else 0."""
 
     threads: Threads = "auto"
     batch_workers: Workers = "auto"
